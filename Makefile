@@ -1,0 +1,34 @@
+# The README's two commands are `make demo` and `make test`; both build everything they need.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.intl-stamp
+DATA  := data/synthetic
+PYTEST_ARGS ?=
+
+.PHONY: venv data demo test test-fast bench clean-outputs
+
+venv: $(STAMP)
+
+$(STAMP): requirements/lock.txt pyproject.toml tools/make-venv.sh
+	bash tools/make-venv.sh $(VENV)
+
+# The embedded datasets (classification ImageFolder + COCO-json detection set), generated from a seed.
+data: venv
+	$(PY) -m pretrain.synthetic --out $(DATA)
+
+demo: venv data
+	$(PY) tools/demo.py $(DEMO_ARGS)
+
+test: venv data
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (skips the slow end-to-end tests).
+test-fast: venv data
+	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+
+bench: venv data
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+clean-outputs:
+	rm -rf outputs
