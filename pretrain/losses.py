@@ -1,0 +1,401 @@
+"""Pure loss functions of INTL and the methods compared with it.
+
+Every function here works on the GLOBAL batch (the caller, ``pretrain.methods``, all-gathers first) and
+has no state. Conventions follow the reference implementation of INTL (github.com/winci-ai/INTL):
+
+- ``z`` is (m, d): m samples, d features.
+- Channel whitening (``axis="channel"``, the paper's default): each sample is centred over its d
+  features, the covariance is over samples, m x m, divided by d - 1, and the whitening matrix multiplies
+  from the left (``P z``).
+- Batch whitening (``axis="batch"``): each feature is centred over the batch, the covariance is d x d,
+  divided by m - 1, and the whitening matrix multiplies from the right (``z P``).
+- IterNorm: ``Sigma_N = Sigma / tr(Sigma)``, ``P_0 = I``, ``P_k = (3 P_{k-1} - P_{k-1}^3 Sigma_N) / 2``,
+  output ``P_T z_c / sqrt(tr(Sigma))``. No eigendecomposition.
+- Trace loss: the output's per-"sample" variance along the whitened axis, normalised like the
+  covariance (d - 1 for channel, m - 1 for batch), pushed to 1 and summed: ``sum_i (1 - v_i)^2``.
+- ``beta = 0.01 * (log2(global batch) - 3)`` for channel whitening, ``0.01 * (log2(d) - 3)`` for batch.
+
+Numerically delicate parts (matrix powers, eigendecompositions, covariances) run in float32 at least,
+with autocast disabled, whatever the caller's autocast state (solo-learn's whitening does the same with
+a custom fwd). float64 inputs stay float64 (the tests compare against references at 1e-8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+AXES = ("channel", "batch")
+
+
+# ----------------------------------------------------------------------------------------------------
+# precision helpers
+# ----------------------------------------------------------------------------------------------------
+def _full_precision(z: torch.Tensor) -> torch.Tensor:
+    """float32/float64 stay as they are; half/bfloat16 (autocast outputs) are promoted to float32."""
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
+
+
+@contextlib.contextmanager
+def no_autocast(device_type: str):
+    """A region where autocast is off (for CUDA and CPU autocast alike)."""
+    if device_type not in ("cuda", "cpu"):
+        yield
+        return
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
+def _check_axis(axis: str) -> None:
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {AXES}, got {axis!r} (channel = the paper's default)")
+
+
+def _check_2d(z: torch.Tensor, name: str = "z") -> None:
+    if z.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D (samples, features) tensor, got shape {tuple(z.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# centring and covariance along an axis
+# ----------------------------------------------------------------------------------------------------
+def centre(z: torch.Tensor, axis: str = "channel") -> torch.Tensor:
+    """channel: every sample centred over its features; batch: every feature centred over the batch."""
+    _check_axis(axis)
+    return z - z.mean(dim=1, keepdim=True) if axis == "channel" else z - z.mean(dim=0, keepdim=True)
+
+
+def axis_covariance(zc: torch.Tensor, axis: str = "channel") -> torch.Tensor:
+    """Covariance of already centred ``zc``: m x m / (d - 1) for channel, d x d / (m - 1) for batch."""
+    _check_axis(axis)
+    m, d = zc.shape
+    if axis == "channel":
+        if d < 2:
+            raise ValueError(f"channel whitening needs at least 2 features, got d={d}")
+        return zc @ zc.T / (d - 1)
+    if m < 2:
+        raise ValueError(f"batch whitening needs at least 2 samples, got m={m}")
+    return zc.T @ zc / (m - 1)
+
+
+def _apply(matrix: torch.Tensor, zc: torch.Tensor, axis: str) -> torch.Tensor:
+    """Applies a symmetric whitening matrix along ``axis`` (left for channel, right for batch)."""
+    return matrix @ zc if axis == "channel" else zc @ matrix
+
+
+# ----------------------------------------------------------------------------------------------------
+# IterNorm
+# ----------------------------------------------------------------------------------------------------
+def newton_polynomial(x: torch.Tensor, iters: int) -> torch.Tensor:
+    """f_T(x) of Theorem 1: f_0 = 1, f_k = (3 f_{k-1} - x f_{k-1}^3) / 2, elementwise.
+
+    IterNorm's P_T has the eigenvectors of Sigma and the eigenvalues f_T(lambda / tr Sigma); its output
+    covariance has the eigenvalues x f_T(x)^2.
+    """
+    f = torch.ones_like(x)
+    for _ in range(iters):
+        f = 1.5 * f - 0.5 * x * f.pow(3)
+    return f
+
+
+def iternorm_matrix(sigma: torch.Tensor, iters: int = 4) -> torch.Tensor:
+    """P_T / sqrt(tr(Sigma)) by Newton's iterations on Sigma / tr(Sigma)."""
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    trace = torch.diagonal(sigma).sum()
+    sigma_n = sigma / trace
+    p = torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
+    for _ in range(iters):
+        p = 1.5 * p - 0.5 * (p @ p @ p @ sigma_n)
+    return p / trace.sqrt()
+
+
+def iternorm(z: torch.Tensor, iters: int = 4, axis: str = "channel") -> torch.Tensor:
+    """IterNorm whitening of z (m, d) along ``axis`` with ``iters`` Newton iterations (T).
+
+    Returns the whitened, centred output with the shape of ``z``; dtype float64 for float64 input,
+    float32 otherwise (half/bfloat16 inputs from autocast are computed in float32).
+    """
+    _check_2d(z)
+    _check_axis(axis)
+    with no_autocast(z.device.type):
+        zc = centre(_full_precision(z), axis)
+        matrix = iternorm_matrix(axis_covariance(zc, axis), iters)
+        return _apply(matrix, zc, axis)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Spectral transformation lambda^-p by eigendecomposition (ST family; p = 0.5 is hard whitening)
+# ----------------------------------------------------------------------------------------------------
+class EighFailure(RuntimeError):
+    """The eigendecomposition of the embedding covariance failed; the message says why and what to do."""
+
+
+def _describe_matrix(sigma: torch.Tensor) -> str:
+    diag = torch.diagonal(sigma)
+    finite = bool(torch.isfinite(sigma).all())
+    return (f"covariance {tuple(sigma.shape)} {sigma.dtype}: finite={finite}, trace={float(diag.sum()):.4g}, "
+            f"diag min={float(diag.min()):.4g} max={float(diag.max()):.4g}")
+
+
+def power_matrix(sigma: torch.Tensor, power: float, eps: float = 1e-6) -> torch.Tensor:
+    """U diag(lambda^-power) U^T of a symmetric PSD ``sigma``, computed in float64.
+
+    Guards: non-finite input raises ``EighFailure``; eigenvalues are clamped below at
+    ``eps * max(lambda_max, tiny)`` so that a rank-deficient covariance (collapse, or m < d) gives
+    large but finite gains; a failed eigh (no convergence) raises ``EighFailure`` with a report.
+    """
+    if not torch.isfinite(sigma).all():
+        raise EighFailure(f"non-finite embedding covariance ({_describe_matrix(sigma)}); the projector "
+                          "output is NaN/inf: lower the learning rate or check the data, then resume")
+    s64 = sigma.double()
+    s64 = 0.5 * (s64 + s64.T)
+    try:
+        eigvals, eigvecs = torch.linalg.eigh(s64)
+    except RuntimeError as err:  # torch.linalg.LinAlgError subclasses RuntimeError
+        raise EighFailure(f"eigendecomposition failed ({err}); {_describe_matrix(sigma)}. Use a larger "
+                          "st_power eps, fewer/larger features, or IterNorm (method=intl), which needs no "
+                          "eigendecomposition") from err
+    floor = eps * eigvals.detach().max().clamp(min=torch.finfo(torch.float64).tiny)
+    gains = eigvals.clamp(min=floor).pow(-power)
+    return ((eigvecs * gains) @ eigvecs.T).to(sigma.dtype)
+
+
+def power_transform(z: torch.Tensor, power: float = 0.5, axis: str = "channel", eps: float = 1e-6) -> torch.Tensor:
+    """Spectral transformation Phi(Sigma) = Sigma^-power applied to the centred z along ``axis``.
+
+    power = 0.5 is hard (ZCA) whitening as in W-MSE; power = 0 only centres. Output covariance has the
+    eigenvalues lambda^(1 - 2 power).
+    """
+    _check_2d(z)
+    _check_axis(axis)
+    with no_autocast(z.device.type):
+        zc = centre(_full_precision(z), axis)
+        return _apply(power_matrix(axis_covariance(zc, axis), power, eps), zc, axis)
+
+
+# ----------------------------------------------------------------------------------------------------
+# INTL pieces
+# ----------------------------------------------------------------------------------------------------
+def trace_loss(z_hat: torch.Tensor, axis: str = "channel") -> torch.Tensor:
+    """sum_i (1 - v_i)^2 where v_i is the variance of the (re-centred) output along the whitened axis.
+
+    channel: v_i = |z_hat_i - mean_features(z_hat_i)|^2 / (d - 1) for each of the m samples.
+    batch:   v_j = |z_hat[:, j] - mean_batch|^2 / (m - 1) for each of the d features.
+    """
+    _check_2d(z_hat, "z_hat")
+    with no_autocast(z_hat.device.type):
+        zc = centre(_full_precision(z_hat), axis)
+        m, d = zc.shape
+        var = zc.pow(2).sum(dim=1) / (d - 1) if axis == "channel" else zc.pow(2).sum(dim=0) / (m - 1)
+        return (var - 1.0).pow(2).sum()
+
+
+def norm_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """2 - 2 * mean cosine similarity of the rows of a and b (MSE of L2-normalised vectors)."""
+    with no_autocast(a.device.type):
+        a = F.normalize(_full_precision(a), dim=-1)
+        b = F.normalize(_full_precision(b), dim=-1)
+        return 2.0 - 2.0 * (a * b).sum(dim=-1).mean()
+
+
+def intl_beta(batch_size: int, dim: int, axis: str = "channel") -> float:
+    """Trace-loss weight: 0.01 (log2(global batch) - 3) for channel, 0.01 (log2(d) - 3) for batch whitening."""
+    _check_axis(axis)
+    n = batch_size if axis == "channel" else dim
+    if n < 1:
+        raise ValueError(f"{'batch size' if axis == 'channel' else 'dim'} must be positive, got {n}")
+    return 0.01 * (math.log2(n) - 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The multi-view combination shared by every objective
+# ----------------------------------------------------------------------------------------------------
+PairFn = Callable[[torch.Tensor, torch.Tensor], dict]
+ViewFn = Callable[[torch.Tensor], dict]
+
+
+def combine_views(views: Sequence[torch.Tensor], target: torch.Tensor | None, pair_fn: PairFn,
+                  view_fn: ViewFn | None = None) -> dict:
+    """The paper's multi-view rule for any objective made of a pair term and a per-view term.
+
+    Without ``target``: crop 0 is ``views[0]``; loss = mean over i >= 1 of
+    ``pair(views[i], views[0]) + view(views[i]) + view(views[0])`` (INTL's multi-crop: every crop against
+    crop 0, averaged; 2 views is the plain symmetric loss).
+    With ``target`` (EMA variant): ``views`` are the online crops 1..n-1 and ``target`` is the momentum
+    encoder's crop 0; loss = mean over i of ``pair(views[i], target) + view(views[i])`` (regulariser on
+    the online crops only).
+
+    ``pair_fn`` / ``view_fn`` return dicts of scalar tensors that are summed into ``loss``; every part is
+    also reported (averaged the same way, detached) under its own key.
+    """
+    views = list(views)
+    if target is None:
+        if len(views) < 2:
+            raise ValueError(f"need at least 2 views without an EMA target, got {len(views)}")
+        anchor, others = views[0], views[1:]
+    else:
+        if len(views) < 1:
+            raise ValueError("need at least 1 online view with an EMA target")
+        anchor, others = target, views
+    anchor_terms = view_fn(anchor) if (view_fn is not None and target is None) else {}
+    parts: dict[str, torch.Tensor] = {}
+    total = None
+    for v in others:
+        terms = dict(pair_fn(v, anchor))
+        if view_fn is not None:
+            for k, val in view_fn(v).items():
+                terms[k] = terms[k] + val if k in terms else val
+        for k, val in anchor_terms.items():
+            terms[k] = terms[k] + val if k in terms else val
+        pair_total = sum(terms.values())
+        total = pair_total if total is None else total + pair_total
+        for k, val in terms.items():
+            parts[k] = parts[k] + val.detach() if k in parts else val.detach()
+    n = len(others)
+    out = {"loss": total / n}
+    out.update({k: v / n for k, v in parts.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# INTL and its ablations
+# ----------------------------------------------------------------------------------------------------
+def intl_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None = None, *, iters: int = 4,
+              axis: str = "channel", beta: float | None = None, whiten: bool = True) -> dict:
+    """INTL objective on global-batch projector outputs.
+
+    Each view is whitened with IterNorm (``whiten=False``: only centred, the trace-only ablation), then
+    loss = mean over pairs of ``norm_mse + beta * trace terms`` (``combine_views``). ``beta=None`` uses
+    ``intl_beta`` of this batch; ``beta=0`` is the IterNorm-only ablation.
+    Returns {"loss", "align", "trace" (beta-weighted), "beta"}.
+    """
+    ref = target if target is not None else views[0]
+    if beta is None:
+        beta = intl_beta(ref.shape[0], ref.shape[1], axis)
+
+    def transform(z: torch.Tensor) -> torch.Tensor:
+        return iternorm(z, iters, axis) if whiten else centre(_full_precision(z), axis)
+
+    t_views = [transform(v) for v in views]
+    t_target = None if target is None else transform(target)
+
+    def pair(a, b):
+        return {"align": norm_mse(a, b)}
+
+    def view(z):
+        return {"trace": beta * trace_loss(z, axis)} if beta != 0 else {}
+
+    out = combine_views(t_views, t_target, pair, view)
+    out.setdefault("trace", torch.zeros((), dtype=out["loss"].dtype, device=out["loss"].device))
+    out["beta"] = float(beta)
+    return out
+
+
+def st_power_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None = None, *, power: float = 0.5,
+                  axis: str = "channel", eps: float = 1e-6) -> dict:
+    """Spectral transformation lambda^-power of each view, then norm_mse (power = 0.5: W-MSE-style)."""
+    t_views = [power_transform(v, power, axis, eps) for v in views]
+    t_target = None if target is None else power_transform(target, power, axis, eps)
+    return combine_views(t_views, t_target, lambda a, b: {"align": norm_mse(a, b)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# FroSSL (Skean et al., 2023)
+# ----------------------------------------------------------------------------------------------------
+def variance_normalise(z: torch.Tensor) -> torch.Tensor:
+    """Each feature centred over the batch and scaled to unit (unbiased) variance, then every column
+    rescaled to norm sqrt(d), as FroSSL's two-view loss does."""
+    with no_autocast(z.device.type):
+        z = _full_precision(z)
+        zc = z - z.mean(dim=0, keepdim=True)
+        zs = zc / zc.std(dim=0, keepdim=True).clamp(min=1e-12)
+        return math.sqrt(z.shape[1]) * zs / zs.norm(dim=0, keepdim=True).clamp(min=1e-12)
+
+
+def log_frobenius_sq(z: torch.Tensor) -> torch.Tensor:
+    """log ||Z^T Z / m||_F^2, using the m x m Gram matrix instead when m < d (same Frobenius norm)."""
+    m, d = z.shape
+    gram = (z.T @ z) if m >= d else (z @ z.T)
+    return 2.0 * torch.log(torch.linalg.matrix_norm(gram / m, ord="fro"))
+
+
+def frossl_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None = None) -> dict:
+    """FroSSL: MSE between variance-normalised views + sum over views of log ||cov||_F^2, no weight."""
+    t_views = [variance_normalise(v) for v in views]
+    t_target = None if target is None else variance_normalise(target)
+    return combine_views(t_views, t_target,
+                         lambda a, b: {"align": F.mse_loss(a, b)},
+                         lambda z: {"frobenius": log_frobenius_sq(z)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Barlow Twins and VICReg (published default weights), optionally with the trace loss (Table 13)
+# ----------------------------------------------------------------------------------------------------
+def _off_diagonal(c: torch.Tensor) -> torch.Tensor:
+    n = c.shape[0]
+    return c.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def barlow_twins_pair(a: torch.Tensor, b: torch.Tensor, lambd: float = 0.0051) -> dict:
+    """Barlow Twins: cross-correlation of batch-standardised views (BN without affine, biased variance,
+    as nn.BatchNorm1d(affine=False) in training), on-diagonal to 1, off-diagonal to 0 weighted by lambd."""
+    with no_autocast(a.device.type):
+        a, b = _full_precision(a), _full_precision(b)
+        m = a.shape[0]
+        an = F.batch_norm(a, None, None, training=True, eps=1e-5)
+        bn = F.batch_norm(b, None, None, training=True, eps=1e-5)
+        c = an.T @ bn / m
+        on = (torch.diagonal(c) - 1).pow(2).sum()
+        off = _off_diagonal(c).pow(2).sum()
+        return {"on_diag": on, "off_diag": lambd * off}
+
+
+def vicreg_pair(a: torch.Tensor, b: torch.Tensor, sim_coeff: float = 25.0) -> dict:
+    """VICReg invariance term (MSE between the two embeddings, weighted)."""
+    with no_autocast(a.device.type):
+        return {"invariance": sim_coeff * F.mse_loss(_full_precision(a), _full_precision(b))}
+
+
+def vicreg_view(z: torch.Tensor, std_coeff: float = 25.0, cov_coeff: float = 1.0, eps: float = 1e-4) -> dict:
+    """VICReg variance (hinge on std at 1, halved per view as in the paper's code) and covariance terms."""
+    with no_autocast(z.device.type):
+        z = _full_precision(z)
+        m, d = z.shape
+        zc = z - z.mean(dim=0, keepdim=True)
+        std = torch.sqrt(zc.var(dim=0) + eps)
+        cov = zc.T @ zc / (m - 1)
+        return {"variance": std_coeff * F.relu(1 - std).mean() / 2,
+                "covariance": cov_coeff * _off_diagonal(cov).pow(2).sum() / d}
+
+
+def _with_trace(view_fn: ViewFn | None, beta: float, axis: str) -> ViewFn | None:
+    if not beta:
+        return view_fn
+
+    def fn(z):
+        terms = dict(view_fn(z)) if view_fn is not None else {}
+        terms["trace"] = beta * trace_loss(z, axis)
+        return terms
+
+    return fn
+
+
+def barlow_twins_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None = None, *,
+                      lambd: float = 0.0051, trace_beta: float = 0.0, trace_axis: str = "channel") -> dict:
+    """Barlow Twins over the paper's multi-view rule; ``trace_beta > 0`` adds beta * trace loss of each
+    (centred) embedding."""
+    return combine_views(views, target, lambda a, b: barlow_twins_pair(a, b, lambd),
+                         _with_trace(None, trace_beta, trace_axis))
+
+
+def vicreg_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None = None, *, sim_coeff: float = 25.0,
+                std_coeff: float = 25.0, cov_coeff: float = 1.0, trace_beta: float = 0.0,
+                trace_axis: str = "channel") -> dict:
+    """VICReg (25/25/1) over the paper's multi-view rule; ``trace_beta > 0`` adds the trace loss."""
+    return combine_views(views, target, lambda a, b: vicreg_pair(a, b, sim_coeff),
+                         _with_trace(lambda z: vicreg_view(z, std_coeff, cov_coeff), trace_beta, trace_axis))
