@@ -1,11 +1,370 @@
-"""`submit <stage> ...`: the launcher. Placeholder until the launcher issue lands."""
+"""`submit <stage> [options] [overrides...]`: run a stage on Slurm or as local processes.
 
+    submit pretrain --nodes 1 --gpus 2 [--cluster auto|slurm|local] [--partition P] [--time MIN]
+                    [--name NAME] [--dry-run] [--wait] [--new] key=value ...
+    submit detection --config-file F --seeds 3 --gpus 2 --wait SOLVER.MAX_ITER 1000 ...
+
+One task per GPU (``--gpus`` is per node); without CUDA every slot is a CPU process using gloo.
+``auto`` means Slurm when ``sbatch`` is on PATH, else local processes. Every run lives in
+``outputs/<stage>/<name>/``: submitting into an existing folder resumes it, a complete run does nothing,
+``--new`` starts a fresh run under the next free name. Bad input is reported before anything is queued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shlex
+import socket
 import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .errors import SubmitError
+from .executor import (CLUSTERS, DEFAULT_TIME_MIN, LOCAL, SLURM, Resources, check_against_partition,
+                       check_slurm_reachable, local_parameters, make_executor, partition_info, render_sbatch,
+                       resolve_cluster, validate)
+from .runs import (COMPLETE, NEW, SUBMITIT_DIR, RunState, active_jobs, check_writable, next_free_dir,
+                   record_submission, run_state)
+from .stages import DETECTION, StageSpec, compose_config, get_stage
+
+POLL_ENV = "INTL_SUBMIT_POLL_S"
 
 
-def main(argv=None) -> int:
-    print("submit: not implemented yet (the launcher is being built); nothing was submitted.", file=sys.stderr)
-    return 2
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="submit", description=__doc__.split("\n\n")[0].strip("`"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Stages: pretrain, linear, semi, knn (Hydra key=value overrides), detection (detectron2 KEY VALUE "
+               "overrides, --config-file, --seeds). Put overrides that start with '-' after '--'.")
+    p.add_argument("stage", help="pretrain | linear | semi | knn | detection")
+    p.add_argument("overrides", nargs="*", help="Hydra key=value (detection: KEY VALUE pairs)")
+    r = p.add_argument_group("resources")
+    r.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    r.add_argument("--gpus", type=int, default=1, help="GPUs per node = processes per node (default 1)")
+    r.add_argument("--cluster", default="auto", choices=CLUSTERS,
+                   help="slurm, local processes, or auto (slurm when sbatch is on PATH)")
+    r.add_argument("--partition", help="Slurm partition (default: the cluster's default partition)")
+    r.add_argument("--time", type=int, default=DEFAULT_TIME_MIN,
+                   help=f"time limit per job in minutes; longer runs requeue themselves (default {DEFAULT_TIME_MIN})")
+    r.add_argument("--cpus-per-gpu", type=int, help="CPU cores per task (Slurm --cpus-per-task)")
+    r.add_argument("--mem-per-gpu", help="memory per GPU, e.g. 32G (Slurm --mem-per-gpu)")
+    r.add_argument("--account", help="Slurm account")
+    r.add_argument("--qos", help="Slurm quality of service")
+    r.add_argument("--constraint", help="Slurm node constraint, e.g. volta32gb")
+    j = p.add_argument_group("run")
+    j.add_argument("--name", help="run name: the run folder is outputs/<stage>/<name> (Hydra key `name`)")
+    j.add_argument("--new", action="store_true", help="start a fresh run even if the run folder exists")
+    j.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the sbatch parameters; submit nothing")
+    j.add_argument("--wait", action="store_true",
+                   help="block until the job ends, stream its rank-0 log, exit with its status")
+    d = p.add_argument_group("detection")
+    d.add_argument("--config-file", help="detectron2 YAML config (detection only)")
+    d.add_argument("--seeds", type=int, default=1, help="number of seeds, one run each (detection only)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    try:
+        status = _submit(args, list(sys.argv[1:] if argv is None else argv))
+        gc.collect()  # submitit's job objects clean up now, not during interpreter shutdown
+        return status
+    except SubmitError as e:
+        print(f"submit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nsubmit: interrupted. Slurm jobs keep running (scancel <id> stops them); a local job was "
+              "interrupted with this terminal: submit the same command again to resume it.", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------------------------------ planning
+class Plan:
+    """What will be submitted: the jobs, where they write, and what to print for --dry-run."""
+
+    def __init__(self, spec: StageSpec, state: RunState, jobs: list, description: str, labels: list[str]):
+        self.spec = spec
+        self.state = state
+        self.jobs = jobs              # StageJob / DetectionJob objects, not yet submitted
+        self.description = description  # the resolved config (YAML) or the detection commands
+        self.labels = labels          # one per job, for messages
+
+
+def _plan_hydra(spec: StageSpec, args) -> Plan:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .jobs import StageJob
+
+    if args.config_file is not None or args.seeds != 1:
+        raise SubmitError(f"--config-file and --seeds are detection options; stage {spec.name!r} takes Hydra "
+                          "key=value overrides")
+    overrides = ([f"name={args.name}"] if args.name else []) + list(args.overrides)
+    cfg = compose_config(spec.name, overrides)
+    for key in ("name", "run_dir"):
+        if key not in cfg:
+            raise SubmitError(f"the {spec.name} config has no top-level key {key!r} (ARCHITECTURE.md requires "
+                              "name, run_dir, seed); fix: add it to the stage config")
+    try:
+        run_dir = _absolute(str(cfg.run_dir))
+        state = run_state(run_dir)
+        if args.new and state.state != NEW:
+            fresh = next_free_dir(run_dir)
+            if run_dir.name == str(cfg.name):
+                cfg.name = fresh.name
+            run_dir, state = fresh, run_state(fresh)
+        cfg.run_dir = str(run_dir)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise SubmitError(f"the {spec.name} config leaves {', '.join(missing)} without a value (???); "
+                              f"fix: pass {missing[0]}=<value>")
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise SubmitError(f"the {spec.name} config does not resolve: {e}; fix: check the interpolations and "
+                          "the overrides") from None
+    _check_inputs(spec, cfg)
+    text = OmegaConf.to_yaml(OmegaConf.create(container))
+    return Plan(spec, state, [StageJob(spec, container)], text, [str(run_dir)])
+
+
+def _plan_detection(spec: StageSpec, args) -> Plan:
+    from pretrain.runlog import is_complete
+
+    from .jobs import DetectionJob
+
+    if not args.config_file:
+        raise SubmitError("detection needs --config-file F (a detectron2 YAML, e.g. one under configs/detection/)")
+    config_file = _absolute(args.config_file)
+    if not config_file.is_file():
+        raise SubmitError(f"--config-file {args.config_file} does not exist; fix: pass a detectron2 YAML config")
+    if args.seeds < 1:
+        raise SubmitError(f"--seeds must be at least 1, got {args.seeds}")
+    opts = list(args.overrides)
+    if len(opts) % 2:
+        raise SubmitError(f"detection overrides are detectron2 KEY VALUE pairs, got an odd number: {opts}; "
+                          "fix: e.g. SOLVER.MAX_ITER 1000 (values starting with '-' go after '--')")
+    keys = opts[0::2]
+    bad = [k for k in keys if "=" in k or not k.replace(".", "").replace("_", "").isalnum()]
+    if bad:
+        raise SubmitError(f"detection overrides are KEY VALUE pairs (no '='), got keys {bad}; "
+                          "fix: write SOLVER.BASE_LR 0.02, not SOLVER.BASE_LR=0.02")
+    for reserved, how in (("OUTPUT_DIR", "--name"), ("SEED", "--seeds")):
+        if reserved in keys:
+            raise SubmitError(f"{reserved} is set by the launcher (outputs/detection/<name>/seed<k>); "
+                              f"fix: drop it and use {how}")
+    name = args.name or config_file.stem
+    run_dir = _absolute(str(Path("outputs") / "detection" / name))
+    if args.new and run_state(run_dir).state != NEW:
+        run_dir = next_free_dir(run_dir)
+    seeds = [k for k in range(args.seeds) if not is_complete(run_dir / f"seed{k}")]
+    state = run_state(run_dir)
+    if not seeds:
+        state = RunState(run_dir, COMPLETE)
+    elif state.state == COMPLETE:  # a top-level COMPLETE but more seeds asked for
+        state = RunState(run_dir, "resume")
+    jobs = [DetectionJob(spec, str(config_file), opts + ["SEED", str(k)], str(run_dir / f"seed{k}"))
+            for k in seeds]
+    lines = [f"python -m transfer.detection.train_net --config-file {shlex.quote(str(config_file))} --resume "
+             + " ".join(shlex.quote(o) for o in j.opts + ["OUTPUT_DIR", j.output_dir]) for j in jobs]
+    return Plan(spec, state, jobs, "\n".join(lines) + "\n", [j.output_dir for j in jobs])
+
+
+def _absolute(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path.cwd() / p
+
+
+def _check_inputs(spec: StageSpec, cfg) -> None:
+    from omegaconf import OmegaConf
+
+    for key in spec.input_paths:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value in (None, "") or not isinstance(value, str):
+            continue
+        if not _absolute(value).exists():
+            raise SubmitError(f"{key}={value} does not exist (needed by the {spec.name} stage); fix: pass "
+                              f"{key}=<existing path>, or generate the embedded data with "
+                              "`python -m pretrain.synthetic --out data/synthetic`")
+
+
+# ---------------------------------------------------------------------------------------- submitting
+def _submit(args, argv: list[str]) -> int:
+    spec = get_stage(args.stage)
+    plan = _plan_detection(spec, args) if spec.kind == DETECTION else _plan_hydra(spec, args)
+    run_dir = plan.state.run_dir
+    res = Resources(cluster=resolve_cluster(args.cluster), nodes=args.nodes, gpus=args.gpus, time_min=args.time,
+                    job_name=f"intl-{spec.name}-{run_dir.name}", partition=args.partition,
+                    cpus_per_gpu=args.cpus_per_gpu, mem_per_gpu=args.mem_per_gpu, account=args.account,
+                    qos=args.qos, constraint=args.constraint)
+    validate(res)
+    checked = _check_cluster(res, dry_run=args.dry_run)
+
+    print(f"submit: stage {spec.name}, {res.cluster} cluster, {res.nodes} node(s) x {res.gpus} GPU slot(s) = "
+          f"world size {res.world_size}")
+    print(f"submit: {plan.state.describe()}")
+    if plan.state.state == COMPLETE:
+        if spec.kind == DETECTION:
+            return _aggregate_detection(run_dir)
+        return 0
+
+    if args.dry_run:
+        _print_dry_run(plan, res, run_dir, checked)
+        return 0
+
+    check_writable(run_dir)
+    active = active_jobs(run_dir)
+    if active:
+        raise SubmitError(f"this run already has a job queued or running: {', '.join(active)}; nothing was "
+                          "submitted; fix: wait for it (or cancel it), or pass --new for a separate run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if spec.kind != DETECTION:
+        from pretrain.runlog import save_config
+
+        save_config(run_dir, plan.jobs[0].config)
+    folder = run_dir / SUBMITIT_DIR
+    executor = make_executor(res, folder)
+    if len(plan.jobs) == 1:
+        jobs = [executor.submit(plan.jobs[0])]
+    else:
+        with executor.batch():
+            jobs = [executor.submit(j) for j in plan.jobs]
+    record_submission(run_dir, {"stage": spec.name, "cluster": res.cluster, "host": socket.gethostname(),
+                                "job_ids": [j.job_id for j in jobs], "nodes": res.nodes, "gpus": res.gpus,
+                                "command": "submit " + " ".join(shlex.quote(a) for a in argv),
+                                "cwd": os.getcwd()})
+    for job, label in zip(jobs, plan.labels):
+        print(f"submit: job {job.job_id} -> {label}")
+        print(f"submit:   logs {job.paths.stdout} (rank 0; {folder}/{job.job_id}_<rank>_log.out|err for all)")
+    if not args.wait:
+        cancel = "scancel " + " ".join(j.job_id for j in jobs) if res.cluster == SLURM else \
+            "kill " + " ".join(j.job_id for j in jobs)
+        print(f"submit: follow with `tail -f {jobs[0].paths.stdout}`; stop with `{cancel}`; submitting the same "
+              "command again resumes the run")
+        if spec.kind == DETECTION:
+            print(f"submit: when all seeds are done: python -m transfer.detection.aggregate {run_dir}")
+        return 0
+    status = wait_for(jobs)
+    if status == 0 and spec.kind == DETECTION:
+        return _aggregate_detection(run_dir)
+    return status
+
+
+def _check_cluster(res: Resources, dry_run: bool) -> bool:
+    """Slurm: the controller answers and the partition offers the GPUs. Returns whether it was checked."""
+    if res.cluster != SLURM:
+        return True
+    try:
+        check_slurm_reachable()
+    except SubmitError:
+        if dry_run:
+            return False
+        raise
+    check_against_partition(res, partition_info(res.partition))
+    return True
+
+
+def _print_dry_run(plan: Plan, res: Resources, run_dir: Path, checked: bool) -> None:
+    if plan.spec.kind == DETECTION:
+        print(f"submit: {len(plan.jobs)} seed job(s), each running (in every task):")
+    else:
+        print("submit: resolved config:")
+    print(plan.description, end="")
+    folder = run_dir / SUBMITIT_DIR
+    if res.cluster == SLURM:
+        print(f"submit: sbatch script ({len(plan.jobs)} job(s)" + (", as an array" if len(plan.jobs) > 1 else "")
+              + "):")
+        print(render_sbatch(res, folder))
+        if not checked:
+            print("submit: note: no Slurm controller answers here, so partition limits were not checked")
+    else:
+        params = local_parameters(res)
+        print(f"submit: local processes: {json.dumps(params)} (submitit LocalExecutor, logs in {folder})")
+    print("submit: dry run: nothing was submitted and nothing was written")
+
+
+# ------------------------------------------------------------------------------------------- waiting
+class LogFollower:
+    """Prints the lines appended to a set of files since the last call (the rank-0 logs)."""
+
+    def __init__(self, paths: list[Path], prefix: str):
+        self.offsets = {Path(p): 0 for p in paths}
+        self.prefix = prefix
+        self.partial = {Path(p): "" for p in paths}
+
+    def poll(self, final: bool = False) -> None:
+        for path, offset in self.offsets.items():
+            try:
+                with open(path, "r", errors="replace") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                    self.offsets[path] = f.tell()
+            except FileNotFoundError:
+                continue
+            text = self.partial[path] + chunk
+            lines = text.split("\n")
+            self.partial[path] = "" if final else lines.pop()
+            for line in lines:
+                if line.strip():
+                    print(f"{self.prefix}{line.rstrip()}", flush=True)
+
+
+def wait_for(jobs: list) -> int:
+    """Blocks until every job ends, streaming rank-0 logs; 0 when all succeeded, 1 otherwise."""
+    poll_s = float(os.environ.get(POLL_ENV, "5"))
+    followers = [LogFollower([j.paths.stdout, j.paths.stderr], prefix=f"[{j.job_id} rank0] ") for j in jobs]
+    states = {j.job_id: None for j in jobs}
+    start = time.time()
+    print(f"submit: waiting for {len(jobs)} job(s) (Ctrl-C stops waiting)", flush=True)
+    while True:
+        all_done = True
+        for job, follower in zip(jobs, followers):
+            follower.poll()
+            done = job.done(force_check=True)
+            state = job.state
+            if state != states[job.job_id]:
+                states[job.job_id] = state
+                print(f"submit: job {job.job_id} is {state} ({time.time() - start:.0f} s)", flush=True)
+            all_done &= done
+        if all_done:
+            break
+        time.sleep(poll_s)
+    failures = 0
+    for job, follower in zip(jobs, followers):
+        follower.poll(final=True)
+        try:
+            results = job.results()
+        except Exception as e:  # noqa: BLE001 - submitit re-raises the job's own exception; report, exit 1
+            failures += 1
+            message = str(e).strip().splitlines()
+            print(f"submit: job {job.job_id} FAILED ({job.state}): {message[-1] if message else type(e).__name__}",
+                  file=sys.stderr)
+            print(f"submit:   full logs: {job.paths.stdout} and {job.paths.stderr}", file=sys.stderr)
+            continue
+        summary = results[0] if results else None
+        shown = json.dumps(summary, default=str)[:400] if summary is not None else "no results returned"
+        print(f"submit: job {job.job_id} finished: {shown}")
+    return 1 if failures else 0
+
+
+def _aggregate_detection(run_dir: Path) -> int:
+    try:
+        from transfer.detection.aggregate import aggregate
+    except ImportError:
+        print(f"submit: transfer.detection.aggregate is not available; aggregate later with "
+              f"`python -m transfer.detection.aggregate {run_dir}`", file=sys.stderr)
+        return 1
+    aggregate(run_dir)
+    table = run_dir / "results.md"
+    print(f"submit: aggregated the seeds into {run_dir / 'results.json'} and {table}")
+    if table.exists():
+        print(table.read_text())
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""The job objects submitit runs in every task, and the distributed environment they export.
+
+The submitit pattern (dino / vicreg ``run_with_submitit.py``): a callable object whose ``__call__`` runs
+the stage and whose ``checkpoint()`` returns a ``DelayedSubmission`` of a fresh copy of itself. submitit
+calls ``checkpoint()`` on rank 0 when Slurm signals a time-out (``--signal=USR2@<delay>``), pickles the
+returned submission and requeues the job (``scontrol requeue``). On preemption Slurm requeues the job
+itself (the batch script has ``--requeue``). Either way the job starts again with the same arguments and
+the stage resumes from the last checkpoint in its run folder (stages write ``last.pth`` every N steps and
+every epoch, and return at once when the run is already complete).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from typing import Any, Sequence
+
+from .stages import StageSpec
+
+_PORT_RANGE = (20000, 60000)
+
+
+def _in_slurm_step() -> bool:
+    return "SLURM_PROCID" in os.environ and "SLURM_JOB_ID" in os.environ
+
+
+def export_distributed_env() -> dict[str, str]:
+    """Exports MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE for this task.
+
+    Inside a submitit task (Slurm or local executor) and in a plain ``srun`` step (hand-written sbatch
+    scripts), the values come from submitit's ``TorchDistributedEnvironment`` (Slurm: SLURM_PROCID,
+    SLURM_LOCALID, SLURM_NTASKS, the first host of SLURM_JOB_NODELIST). Anywhere else (a plain
+    ``python`` call, or torchrun, which sets the variables itself) nothing is changed. Returns what was
+    exported ({} when nothing was).
+    """
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        if not _in_slurm_step():
+            return {}
+        os.environ["SUBMITIT_EXECUTOR"] = "slurm"  # lets submitit read the Slurm variables of a plain srun
+    from submitit.helpers import TorchDistributedEnvironment
+    from submitit import JobEnvironment
+
+    if "MASTER_PORT" not in os.environ:
+        # Same on every task of one job run; a requeued run (SLURM_RESTART_COUNT) gets another port, so
+        # a socket of the previous run still in TIME_WAIT cannot block the new rendezvous.
+        job_env = JobEnvironment()
+        seed = f"{job_env.job_id}:{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+        os.environ["MASTER_PORT"] = str(random.Random(seed).randint(*_PORT_RANGE))
+    # CUDA_VISIBLE_DEVICES is left as Slurm set it: init_distributed() picks cuda:LOCAL_RANK among the
+    # visible devices, which is right whether Slurm binds one GPU per task or shows all of them.
+    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    exported = {"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port), "RANK": str(env.rank),
+                "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
+                "LOCAL_WORLD_SIZE": str(env.local_world_size)}
+    print(f"[submit] {socket.gethostname()}: rank {env.rank} of world size {env.world_size} "
+          f"(local rank {env.local_rank} of {env.local_world_size}), rendezvous "
+          f"{env.master_addr}:{env.master_port}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}",
+          flush=True)
+    return exported
+
+
+class StageJob:
+    """Runs a Hydra stage's ``run(cfg)`` in one task; resumable through submitit's checkpoint()."""
+
+    def __init__(self, spec: StageSpec, config: dict[str, Any]):
+        self.spec = spec
+        self.config = config  # the resolved config as a plain dict (its run_dir is absolute)
+
+    def __call__(self) -> Any:
+        from omegaconf import OmegaConf
+
+        export_distributed_env()
+        run = self.spec.load_entry_point()
+        return run(OmegaConf.create(self.config))
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        print(f"[submit] {self.spec.name}: time-out or preemption signal; requeueing, the run resumes from "
+              f"the last checkpoint in {self.config.get('run_dir')}", flush=True)
+        return submitit.helpers.DelayedSubmission(type(self)(self.spec, self.config))
+
+    def __repr__(self) -> str:
+        return f"StageJob({self.spec.name}, run_dir={self.config.get('run_dir')!r})"
+
+
+class DetectionJob:
+    """Runs ``transfer.detection.train_net.run_task`` for one seed; resumes from its OUTPUT_DIR."""
+
+    def __init__(self, spec: StageSpec, config_file: str, opts: Sequence[str], output_dir: str):
+        self.spec = spec
+        self.config_file = config_file
+        self.opts = list(opts)
+        self.output_dir = output_dir
+
+    def __call__(self) -> Any:
+        export_distributed_env()
+        run_task = self.spec.load_entry_point()
+        return run_task(self.config_file, list(self.opts), self.output_dir, resume=True)
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        print(f"[submit] detection: time-out or preemption signal; requeueing, detectron2 resumes from "
+              f"{self.output_dir}", flush=True)
+        return submitit.helpers.DelayedSubmission(
+            type(self)(self.spec, self.config_file, self.opts, self.output_dir))
+
+    def __repr__(self) -> str:
+        return f"DetectionJob(output_dir={self.output_dir!r})"

@@ -1,0 +1,128 @@
+"""Run folders as the launcher sees them: new, resumed or complete; writable; jobs still active.
+
+Every job gets ``outputs/<stage>/<name>/`` (the stage's ``run_dir``) holding the resolved config, the
+submitit scripts and logs under ``submitit/``, a ``submissions.jsonl`` record of every submission, and
+the stage's own outputs. Submitting into an existing folder resumes that run; ``--new`` picks the next
+free name (``<name>_2``, ``<name>_3``, ...) so nothing already there is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.runlog import atomic_write_text, is_complete
+
+from .errors import SubmitError
+
+SUBMITIT_DIR = "submitit"
+SUBMISSIONS = "submissions.jsonl"
+
+NEW = "new"
+RESUME = "resume"
+COMPLETE = "complete"
+
+
+@dataclass(frozen=True)
+class RunState:
+    run_dir: Path
+    state: str  # NEW, RESUME or COMPLETE
+
+    def describe(self) -> str:
+        if self.state == NEW:
+            return f"new run in {self.run_dir}"
+        if self.state == RESUME:
+            return (f"run folder {self.run_dir} exists: resuming that run from its last checkpoint "
+                    "(pass --new to start a fresh run under another name)")
+        return (f"run {self.run_dir} is already complete ({self.run_dir / 'COMPLETE'} exists); nothing to do "
+                "(pass --new to start a fresh run under another name)")
+
+
+def run_state(run_dir: Path) -> RunState:
+    if is_complete(run_dir):
+        return RunState(run_dir, COMPLETE)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        return RunState(run_dir, RESUME)
+    return RunState(run_dir, NEW)
+
+
+def next_free_dir(run_dir: Path) -> Path:
+    """``run_dir`` itself when it does not exist, else the first free ``<run_dir>_<k>`` (k >= 2)."""
+    if not run_dir.exists():
+        return run_dir
+    k = 2
+    while (candidate := run_dir.with_name(f"{run_dir.name}_{k}")).exists():
+        k += 1
+    return candidate
+
+
+def check_writable(run_dir: Path) -> None:
+    """Creating ``run_dir`` and files in it must work; checked by creating a file (works as root too)."""
+    probe = run_dir
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SubmitError(f"cannot create the run folder {run_dir}: {probe} exists and is not a folder; "
+                          "fix: choose another run_dir= / --name")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise SubmitError(f"no write access to the output folder {run_dir} ({probe}: {e.strerror}); "
+                          "fix: run_dir=<a folder you can write> or fix the permissions") from None
+
+
+def record_submission(run_dir: Path, record: dict) -> None:
+    """Appends one line to ``submissions.jsonl`` (rewritten atomically)."""
+    path = run_dir / SUBMISSIONS
+    old = path.read_text() if path.exists() else ""
+    atomic_write_text(path, old + json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}) + "\n")
+
+
+def read_submissions(run_dir: Path) -> list[dict]:
+    path = run_dir / SUBMISSIONS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def active_jobs(run_dir: Path) -> list[str]:
+    """Job ids recorded for this run that are still queued or running (Slurm: squeue; local: the pid)."""
+    active = []
+    for rec in read_submissions(run_dir)[-3:]:
+        for job_id in rec.get("job_ids", []):
+            if rec.get("cluster") == "slurm" and shutil.which("squeue"):
+                try:
+                    out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True,
+                                         text=True, timeout=30).stdout.strip()
+                except (OSError, subprocess.TimeoutExpired):
+                    out = ""
+                if out:
+                    active.append(f"{job_id} ({out.splitlines()[0]})")
+            elif rec.get("cluster") == "local" and rec.get("host") == socket.gethostname():
+                if _pid_alive(int(job_id)):
+                    active.append(f"{job_id} (local process running)")
+    return active
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (finished child not yet reaped) is not running.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -1,0 +1,177 @@
+"""The stage registry (stage name -> entry point, config) and ``compose_config``.
+
+``compose_config(stage, overrides)`` is the one place that composes a stage config outside a Hydra main
+(ARCHITECTURE.md): the launcher, the tests and the demo call it. It uses Hydra's compose API on the
+repository's ``configs/`` folder, found relative to this package (see ``config_dir``).
+
+Extra stages (tests, plugins) are registered without touching this file through the environment variable
+``INTL_SUBMIT_EXTRA_STAGES``: ``name=module:function@/abs/config/dir`` entries separated by ``;``. The
+config dir must hold ``<name>.yaml`` with the usual top-level keys ``name``, ``run_dir``, ``seed``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .errors import SubmitError
+
+EXTRA_STAGES_ENV = "INTL_SUBMIT_EXTRA_STAGES"
+CONFIG_DIR_ENV = "INTL_CONFIGS"
+
+HYDRA = "hydra"
+DETECTION = "detection"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What the launcher needs to know about a stage."""
+
+    name: str
+    module: str                      # imported lazily, inside the job
+    function: str = "run"            # run(cfg) for Hydra stages; run_task(...) for detection
+    kind: str = HYDRA                # HYDRA (configs/<name>.yaml) or DETECTION (detectron2 yacs YAML)
+    config_name: str | None = None   # Hydra config name (default: the stage name)
+    config_dir: str | None = None    # only for extra stages; default: the repository's configs/
+    # Dotted config keys naming inputs that must exist before anything is queued (None/"" = unused).
+    input_paths: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def hydra_config_name(self) -> str:
+        return self.config_name or self.name
+
+    def is_available(self) -> bool:
+        try:  # find_spec imports the parent packages, not the module itself
+            return importlib.util.find_spec(self.module) is not None
+        except ModuleNotFoundError:
+            return False
+
+    def load_entry_point(self):
+        """Imports the stage module and returns its entry point (called inside the job)."""
+        module = importlib.import_module(self.module)
+        try:
+            return getattr(module, self.function)
+        except AttributeError:
+            raise SubmitError(f"stage {self.name!r}: module {self.module} has no function {self.function}(); "
+                              "fix: update the stage module to the ARCHITECTURE.md entry point") from None
+
+
+# The product stages (ARCHITECTURE.md, "Stage entry points"). input_paths lists the config keys that
+# name data or weights the stage reads; the launcher checks they exist before queueing anything.
+STAGES: dict[str, StageSpec] = {
+    "pretrain": StageSpec("pretrain", "pretrain.train", input_paths=("data.root", "data.train_dir")),
+    "linear": StageSpec("linear", "transfer.linear",
+                        input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
+    "semi": StageSpec("semi", "transfer.semi",
+                      input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
+    "knn": StageSpec("knn", "transfer.knn",
+                     input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
+    "detection": StageSpec("detection", "transfer.detection.train_net", function="run_task", kind=DETECTION),
+}
+
+
+def _extra_stages() -> dict[str, StageSpec]:
+    text = os.environ.get(EXTRA_STAGES_ENV, "").strip()
+    stages: dict[str, StageSpec] = {}
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        try:
+            name, rest = entry.split("=", 1)
+            target, cfg_dir = rest.split("@", 1)
+            module, function = target.split(":", 1)
+        except ValueError:
+            raise SubmitError(f"{EXTRA_STAGES_ENV} entry {entry!r} is malformed; "
+                              "fix: use name=module:function@/abs/config/dir") from None
+        if not Path(cfg_dir).is_absolute():
+            raise SubmitError(f"{EXTRA_STAGES_ENV} entry {entry!r}: the config dir must be an absolute path")
+        stages[name.strip()] = StageSpec(name.strip(), module.strip(), function.strip(), config_dir=cfg_dir.strip())
+    return stages
+
+
+def all_stages() -> dict[str, StageSpec]:
+    return {**STAGES, **_extra_stages()}
+
+
+def get_stage(name: str) -> StageSpec:
+    """The registered stage, or a SubmitError naming the valid stages / saying the stage is not built yet."""
+    stages = all_stages()
+    if name not in stages:
+        raise SubmitError(f"unknown stage {name!r}; fix: use one of {', '.join(sorted(stages))}")
+    spec = stages[name]
+    if not spec.is_available():
+        raise SubmitError(f"stage {name!r} is not available in this installation: its module {spec.module} "
+                          "does not exist yet (the stage has not landed); nothing was submitted")
+    return spec
+
+
+def config_dir(spec: StageSpec | None = None) -> Path:
+    """The folder holding the Hydra configs.
+
+    Order: the stage's own dir (extra stages), ``$INTL_CONFIGS``, ``configs/`` next to this package (a
+    source checkout or an editable install), a ``configs`` package (an install that ships the YAML as
+    package data), ``<prefix>/share/intl-pipeline/configs`` (data-files install).
+    """
+    if spec is not None and spec.config_dir:
+        return Path(spec.config_dir)
+    candidates = []
+    if os.environ.get(CONFIG_DIR_ENV):
+        candidates.append(Path(os.environ[CONFIG_DIR_ENV]))
+    candidates.append(Path(__file__).resolve().parents[1] / "configs")
+    try:
+        found = importlib.util.find_spec("configs")
+        if found is not None and found.submodule_search_locations:
+            candidates.extend(Path(p) for p in found.submodule_search_locations)
+    except (ImportError, ValueError):
+        pass
+    candidates.append(Path(sys.prefix) / "share" / "intl-pipeline" / "configs")
+    for c in candidates:
+        if c.is_dir():
+            return c.resolve()
+    raise SubmitError("cannot find the configs/ folder (looked in: " + ", ".join(map(str, candidates)) +
+                      f"); fix: run from a checkout of the repository or set {CONFIG_DIR_ENV}=/path/to/configs")
+
+
+def compose_config(stage: str, overrides: Sequence[str] = ()):
+    """Composes ``configs/<stage>.yaml`` with Hydra ``key=value`` overrides and returns the DictConfig.
+
+    Raises SubmitError when the stage is unknown, the config is missing or the overrides do not compose.
+    Works inside a running Hydra app too (its global state is saved and restored).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+    from omegaconf.errors import OmegaConfBaseException
+
+    stages = all_stages()
+    if stage not in stages:
+        raise SubmitError(f"unknown stage {stage!r}; fix: use one of {', '.join(sorted(stages))}")
+    spec = stages[stage]
+    if spec.kind != HYDRA:
+        raise SubmitError(f"stage {stage!r} uses a detectron2 config file, not a Hydra config; "
+                          "fix: pass --config-file F and KEY VALUE overrides")
+    cdir = config_dir(spec)
+    if not (cdir / f"{spec.hydra_config_name}.yaml").is_file():
+        raise SubmitError(f"stage {stage!r} has no config {cdir / (spec.hydra_config_name + '.yaml')}; "
+                          "fix: add the config (or set INTL_CONFIGS to the folder holding it)")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise SubmitError(f"overrides must be Hydra key=value pairs, got {bad}; fix: write e.g. optim.lr=0.1")
+
+    outer = get_gh_backup() if GlobalHydra.instance().is_initialized() else None
+    if outer is not None:
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(cdir), job_name=f"submit_{stage}", version_base="1.3"):
+            return compose(config_name=spec.hydra_config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise SubmitError(f"the {stage} config does not compose with overrides {list(overrides)}: "
+                          f"{str(e).strip()}; fix: check the key names and values against "
+                          f"{cdir / (spec.hydra_config_name + '.yaml')}") from None
+    finally:
+        if outer is not None:
+            restore_gh_from_backup(outer)

@@ -1,0 +1,81 @@
+"""Test-only stages for the launcher tests (registered through INTL_SUBMIT_EXTRA_STAGES, never in the product).
+
+``counter``: a resumable stand-in for a training stage that follows the ARCHITECTURE.md contract
+(``run(cfg)`` in every process, init_distributed, resume from ``cfg.run_dir``, COMPLETE at the end). Each
+step does a gloo all_reduce (so a wrong world size or rendezvous fails), sleeps ``step_seconds`` and rank 0
+writes ``last.pth`` atomically. Every rank writes ``env_rank<r>.json`` with the launcher-visible
+environment, so the tests can check the tasks, ranks and GPU binding Slurm gave the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from pretrain.checkpoint import atomic_torch_save
+from pretrain.distributed import barrier, init_distributed
+from pretrain.runlog import is_complete, mark_complete, write_json
+
+COUNTER_YAML = """\
+name: counter
+run_dir: outputs/counter/${name}
+seed: 0
+steps: 6
+step_seconds: 0.2
+fail: false
+data:
+  root: null
+"""
+
+ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES",
+            "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_ON_NODE",
+            "SLURM_RESTART_COUNT", "SUBMITIT_EXECUTOR")
+
+
+def write_counter_config(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "counter.yaml").write_text(COUNTER_YAML)
+    return folder
+
+
+def extra_stages_env(config_folder: Path) -> str:
+    """The INTL_SUBMIT_EXTRA_STAGES value registering the counter stage."""
+    return f"counter=stage_fixtures:run@{config_folder}"
+
+
+def run(cfg) -> dict | None:
+    info = init_distributed()
+    run_dir = Path(cfg.run_dir)
+    print(f"counter: rank {info.rank} world size {info.world_size} backend {info.backend}", flush=True)
+    if is_complete(run_dir):
+        print("counter: run already complete", flush=True)
+        return json.loads((run_dir / "results.json").read_text()) if info.is_main else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / f"env_rank{info.rank}.json", {k: os.environ.get(k) for k in ENV_KEYS})
+    ckpt = run_dir / "last.pth"
+    start = int(torch.load(ckpt)["step"]) if ckpt.exists() else 0
+    if start:
+        print(f"counter: resumed from step {start}", flush=True)
+    if cfg.fail:
+        raise RuntimeError("counter stage asked to fail (fail=true)")
+    for step in range(start, int(cfg.steps)):
+        t = torch.ones(1)
+        if info.world_size > 1:
+            torch.distributed.all_reduce(t)
+        if int(t.item()) != info.world_size:
+            raise RuntimeError(f"all_reduce gave {t.item()}, expected world size {info.world_size}")
+        time.sleep(float(cfg.step_seconds))
+        if info.is_main:
+            atomic_torch_save({"step": step + 1, "world_size": info.world_size}, ckpt)
+            print(f"counter: step {step + 1}/{cfg.steps}", flush=True)
+    barrier()
+    if not info.is_main:
+        return None
+    results = {"steps": int(cfg.steps), "world_size": info.world_size, "resumed_from": start}
+    write_json(run_dir / "results.json", results)
+    mark_complete(run_dir, results)
+    return results
