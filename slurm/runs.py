@@ -95,8 +95,18 @@ def read_submissions(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def active_jobs(run_dir: Path) -> list[str]:
-    """Job ids recorded for this run that are still queued or running (Slurm: squeue; local: the pid)."""
+@dataclass(frozen=True)
+class ActiveJob:
+    job_id: str
+    state: str
+    record: dict   # the submissions.jsonl line that queued it
+
+    def __str__(self) -> str:
+        return f"{self.job_id} ({self.state})"
+
+
+def active_jobs(run_dir: Path) -> list[ActiveJob]:
+    """Jobs recorded for this run that are still queued or running (Slurm: squeue; local: the pid)."""
     active = []
     for rec in read_submissions(run_dir)[-3:]:
         for job_id in rec.get("job_ids", []):
@@ -107,10 +117,10 @@ def active_jobs(run_dir: Path) -> list[str]:
                 except (OSError, subprocess.TimeoutExpired):
                     out = ""
                 if out:
-                    active.append(f"{job_id} ({out.splitlines()[0]})")
+                    active.append(ActiveJob(str(job_id), out.splitlines()[0], rec))
             elif rec.get("cluster") == "local" and rec.get("host") == socket.gethostname():
                 if _pid_alive(int(job_id)):
-                    active.append(f"{job_id} (local process running)")
+                    active.append(ActiveJob(str(job_id), "local process running", rec))
     return active
 
 

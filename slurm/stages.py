@@ -40,6 +40,10 @@ class StageSpec:
     config_dir: str | None = None    # only for extra stages; default: the repository's configs/
     # Dotted config keys naming inputs that must exist before anything is queued (None/"" = unused).
     input_paths: tuple[str, ...] = field(default_factory=tuple)
+    # Optional up-front check in the stage module, called by the launcher before queueing when present:
+    # Hydra stages validate_config(cfg, world_size=N) (raises ValueError naming key and fix),
+    # detection preflight(config_file, opts).
+    preflight: str = "validate_config"
 
     @property
     def hydra_config_name(self) -> str:
@@ -50,6 +54,11 @@ class StageSpec:
             return importlib.util.find_spec(self.module) is not None
         except ModuleNotFoundError:
             return False
+
+    def preflight_function(self):
+        """The stage's up-front check, or None when its module has none."""
+        module = importlib.import_module(self.module)
+        return getattr(module, self.preflight, None)
 
     def load_entry_point(self):
         """Imports the stage module and returns its entry point (called inside the job)."""
@@ -71,7 +80,8 @@ STAGES: dict[str, StageSpec] = {
                       input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
     "knn": StageSpec("knn", "transfer.knn",
                      input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
-    "detection": StageSpec("detection", "transfer.detection.train_net", function="run_task", kind=DETECTION),
+    "detection": StageSpec("detection", "transfer.detection.train_net", function="run_task", kind=DETECTION,
+                           preflight="preflight"),
 }
 
 

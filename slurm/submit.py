@@ -128,6 +128,7 @@ def _plan_hydra(spec: StageSpec, args) -> Plan:
     except OmegaConfBaseException as e:
         raise SubmitError(f"the {spec.name} config does not resolve: {e}; fix: check the interpolations and "
                           "the overrides") from None
+    _preflight(spec, container, world_size=args.nodes * args.gpus)
     _check_inputs(spec, cfg)
     text = OmegaConf.to_yaml(OmegaConf.create(container))
     return Plan(spec, state, [StageJob(spec, container)], text, [str(run_dir)])
@@ -158,6 +159,7 @@ def _plan_detection(spec: StageSpec, args) -> Plan:
         if reserved in keys:
             raise SubmitError(f"{reserved} is set by the launcher (outputs/detection/<name>/seed<k>); "
                               f"fix: drop it and use {how}")
+    _preflight(spec, str(config_file), opts)
     name = args.name or config_file.stem
     run_dir = _absolute(str(Path("outputs") / "detection" / name))
     if args.new and run_state(run_dir).state != NEW:
@@ -193,6 +195,22 @@ def _check_inputs(spec: StageSpec, cfg) -> None:
                               "`python -m pretrain.synthetic --out data/synthetic`")
 
 
+def _preflight(spec: StageSpec, *args, **kwargs) -> None:
+    """The stage's own up-front check (config keys, batch divisible by the world size, data, weights)."""
+    check = spec.preflight_function()
+    if check is None:
+        return
+    try:
+        if spec.kind == DETECTION:
+            check(*args)
+        else:
+            from omegaconf import OmegaConf
+
+            check(OmegaConf.create(args[0]), **kwargs)
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        raise SubmitError(f"the {spec.name} stage rejects this setup: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------- submitting
 def _submit(args, argv: list[str]) -> int:
     spec = get_stage(args.stage)
@@ -219,6 +237,10 @@ def _submit(args, argv: list[str]) -> int:
 
     check_writable(run_dir)
     active = active_jobs(run_dir)
+    if active and args.wait and all(a.record.get("cluster") == SLURM for a in active):
+        print(f"submit: this run already has job(s) {', '.join(map(str, active))}; waiting for them instead of "
+              "submitting another")
+        return _finish(spec, run_dir, wait_for([_attach(a, run_dir) for a in active]))
     if active:
         raise SubmitError(f"this run already has a job queued or running: {', '.join(active)}; nothing was "
                           "submitted; fix: wait for it (or cancel it), or pass --new for a separate run")
@@ -249,10 +271,21 @@ def _submit(args, argv: list[str]) -> int:
         if spec.kind == DETECTION:
             print(f"submit: when all seeds are done: python -m transfer.detection.aggregate {run_dir}")
         return 0
-    status = wait_for(jobs)
+    return _finish(spec, run_dir, wait_for(jobs))
+
+
+def _finish(spec: StageSpec, run_dir: Path, status: int) -> int:
     if status == 0 and spec.kind == DETECTION:
         return _aggregate_detection(run_dir)
     return status
+
+
+def _attach(active, run_dir: Path):
+    """A submitit handle on a Slurm job queued by an earlier `submit` of this run."""
+    import submitit
+
+    ntasks = int(active.record.get("nodes", 1)) * int(active.record.get("gpus", 1))
+    return submitit.SlurmJob(folder=run_dir / SUBMITIT_DIR, job_id=active.job_id, tasks=list(range(ntasks)))
 
 
 def _check_cluster(res: Resources, dry_run: bool) -> bool:
@@ -341,15 +374,21 @@ def wait_for(jobs: list) -> int:
             results = job.results()
         except Exception as e:  # noqa: BLE001 - submitit re-raises the job's own exception; report, exit 1
             failures += 1
-            message = str(e).strip().splitlines()
-            print(f"submit: job {job.job_id} FAILED ({job.state}): {message[-1] if message else type(e).__name__}",
-                  file=sys.stderr)
+            print(f"submit: job {job.job_id} FAILED ({job.state}): {_job_error(e)}", file=sys.stderr)
             print(f"submit:   full logs: {job.paths.stdout} and {job.paths.stderr}", file=sys.stderr)
             continue
         summary = results[0] if results else None
         shown = json.dumps(summary, default=str)[:400] if summary is not None else "no results returned"
         print(f"submit: job {job.job_id} finished: {shown}")
     return 1 if failures else 0
+
+
+def _job_error(e: Exception) -> str:
+    """The exception line of the job's traceback inside submitit's FailedJobError message."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    end = next((i for i, ln in enumerate(lines) if ln.startswith("You can check full logs")), len(lines))
+    body = [ln for ln in lines[:end] if ln and not set(ln) <= {"-"}]
+    return body[-1] if body else f"{type(e).__name__}: {e}"
 
 
 def _aggregate_detection(run_dir: Path) -> int:

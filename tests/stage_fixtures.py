@@ -47,6 +47,14 @@ def extra_stages_env(config_folder: Path) -> str:
     return f"counter=stage_fixtures:run@{config_folder}"
 
 
+def validate_config(cfg, world_size: int = 1) -> None:
+    """The stage's up-front check (the launcher calls it before queueing): the data folder must exist."""
+    if cfg.data.root is not None and not Path(cfg.data.root).is_dir():
+        raise ValueError(f"data.root={cfg.data.root} is not a folder; fix: pass data.root=<existing folder>")
+    if int(cfg.steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+
+
 def run(cfg) -> dict | None:
     info = init_distributed()
     run_dir = Path(cfg.run_dir)

@@ -1,0 +1,241 @@
+"""The `submit` launcher without Slurm: stage registry, compose_config, errors before queueing, --dry-run,
+run-folder semantics, and real local multi-process jobs (submitit's LocalExecutor, gloo on CPU).
+
+The `counter` stage (tests/stage_fixtures.py) is registered through INTL_SUBMIT_EXTRA_STAGES; the real
+pretraining stage is exercised at the end with tiny overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import stage_fixtures
+from slurm import executor, stages
+from slurm.errors import SubmitError
+from slurm.submit import main
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+@pytest.fixture
+def counter_env(tmp_path, monkeypatch):
+    """cwd = a fresh folder; the counter stage registered; job processes can import stage_fixtures."""
+    cfg_dir = stage_fixtures.write_counter_config(tmp_path / "cfgs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, stage_fixtures.extra_stages_env(cfg_dir))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "0.5")
+    return tmp_path
+
+
+def _err(capsys) -> str:
+    return capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- registry / compose
+def test_compose_config_from_any_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # configs are found relative to the package, not the cwd
+    cfg = stages.compose_config("pretrain", ["name=abc", "optim.batch_size=64"])
+    assert cfg.name == "abc" and cfg.run_dir == "outputs/pretrain/abc" and cfg.optim.batch_size == 64
+    assert "seed" in cfg
+
+
+def test_compose_config_errors_name_the_problem():
+    with pytest.raises(SubmitError, match="unknown stage 'pretrian'.*pretrain"):
+        stages.compose_config("pretrian", [])
+    with pytest.raises(SubmitError, match="does not compose.*no_such_key"):
+        stages.compose_config("pretrain", ["no_such_key=1"])
+    with pytest.raises(SubmitError, match="key=value"):
+        stages.compose_config("pretrain", ["optim.lr"])
+    with pytest.raises(SubmitError, match="detectron2 config file"):
+        stages.compose_config("detection", [])
+
+
+def test_extra_stage_env_is_validated(monkeypatch):
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, "broken-entry")
+    with pytest.raises(SubmitError, match="malformed"):
+        stages.all_stages()
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, "ghost=no_such_module_xyz:run@/tmp")
+    with pytest.raises(SubmitError, match="not available.*no_such_module_xyz"):
+        stages.get_stage("ghost")
+
+
+def test_product_stages_are_registered():
+    assert set(stages.STAGES) == {"pretrain", "linear", "semi", "knn", "detection"}
+    assert stages.get_stage("pretrain").module == "pretrain.train"
+
+
+# ---------------------------------------------------------------------------------- cluster resolution
+def test_auto_cluster_follows_sbatch_on_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert executor.resolve_cluster("auto") == "local"
+    fake = tmp_path / "sbatch"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    assert executor.resolve_cluster("auto") == "slurm"
+    assert executor.resolve_cluster("local") == "local"
+
+
+@pytest.mark.parametrize("gres,gpus", [("gpu:2", 2), ("gpu:a100:4(S:0-1)", 4), ("(null)", 0),
+                                       ("gpu:v100:2,gpu:a100:2", 4), ("tmpfs:100,gpu:8", 8)])
+def test_parse_gres_gpus(gres, gpus):
+    assert executor.parse_gres_gpus(gres) == gpus
+
+
+def test_gpus_beyond_partition_is_refused():
+    info = executor.PartitionInfo("debug", nodes=1, max_gpus_per_node=2)
+    executor.check_against_partition(executor.Resources("slurm", nodes=1, gpus=2), info)
+    with pytest.raises(SubmitError, match="offer at most 2 GPU"):
+        executor.check_against_partition(executor.Resources("slurm", nodes=1, gpus=4), info)
+    with pytest.raises(SubmitError, match="has 1 node"):
+        executor.check_against_partition(executor.Resources("slurm", nodes=2, gpus=1), info)
+
+
+def test_slurm_parameters_one_task_per_gpu():
+    p = executor.slurm_parameters(executor.Resources("slurm", nodes=2, gpus=4, cpus_per_gpu=8, partition="gpu"))
+    assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["cpus_per_task"]) == (2, 4, 4, 8)
+    assert p["srun_args"] == ["--cpus-per-task=8"] and p["additional_parameters"] == {"requeue": True}
+
+
+def test_distributed_env_from_a_slurm_step(monkeypatch):
+    from slurm.jobs import export_distributed_env
+
+    for key in ("SUBMITIT_EXECUTOR", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE", "SLURM_ARRAY_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    slurm_env = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4",
+                 "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    for k, v in slurm_env.items():
+        monkeypatch.setenv(k, v)
+    out = export_distributed_env()
+    assert (out["RANK"], out["WORLD_SIZE"], out["LOCAL_RANK"], out["LOCAL_WORLD_SIZE"]) == ("3", "4", "1", "2")
+    assert out["MASTER_ADDR"] == "gpu07" and os.environ["RANK"] == "3"
+    assert 20000 <= int(out["MASTER_PORT"]) <= 60000
+
+
+def test_no_launcher_env_means_one_process(monkeypatch):
+    from slurm.jobs import export_distributed_env
+
+    for key in ("SUBMITIT_EXECUTOR", "SLURM_PROCID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert export_distributed_env() == {}
+
+
+# ------------------------------------------------------------------------------- CLI errors, dry run
+def test_unknown_stage_and_missing_stage(counter_env, capsys, monkeypatch):
+    assert main(["pretrian", "--cluster", "local"]) == 2
+    assert "unknown stage 'pretrian'" in _err(capsys)
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, "later=transfer.not_built_yet:run@/tmp")
+    assert main(["later", "--cluster", "local"]) == 2
+    assert "not available" in _err(capsys)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["counter", "no_such_key=1"], "does not compose"),
+    (["counter", "data.root=/no/such/data"], "data.root=/no/such/data is not a folder"),
+    (["counter", "--gpus", "0"], "--gpus (per node) must be at least 1"),
+    (["counter", "--nodes", "2"], "--cluster local runs processes on this machine only"),
+    (["counter", "--mem-per-gpu", "lots"], "not a Slurm memory size"),
+    (["counter", "--seeds", "3"], "detection options"),
+    (["counter", "run_dir=/proc/intl_no_write/run"], "no write access"),
+])
+def test_bad_input_is_refused_before_queueing(counter_env, capsys, argv, message):
+    assert main(argv + ["--cluster", "local"]) == 2
+    assert message in _err(capsys)
+    assert not (counter_env / "outputs").exists()
+
+
+def test_run_dir_under_a_file_is_refused(counter_env, capsys):
+    (counter_env / "afile").write_text("x")
+    assert main(["counter", "--cluster", "local", f"run_dir={counter_env}/afile/run"]) == 2
+    assert "is not a folder" in _err(capsys)
+
+
+def test_slurm_without_controller_is_a_clear_error(counter_env, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(counter_env))  # no sbatch at all
+    assert main(["counter", "--cluster", "slurm"]) == 2
+    assert "needs Slurm's sbatch on PATH" in _err(capsys)
+
+
+def test_dry_run_prints_sbatch_and_writes_nothing(counter_env, capsys):
+    assert main(["counter", "--cluster", "slurm", "--gpus", "2", "--partition", "gpu", "--time", "90",
+                 "--cpus-per-gpu", "4", "--dry-run", "steps=3"]) == 0
+    out = capsys.readouterr().out
+    for line in ("#SBATCH --gpus-per-node=2", "#SBATCH --ntasks-per-node=2", "#SBATCH --nodes=1",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --cpus-per-task=4",
+                 "#SBATCH --requeue", "#SBATCH --signal=USR2@", "srun", "steps: 3", "world size 2"):
+        assert line in out, line
+    assert "nothing was submitted" in out
+    assert not (counter_env / "outputs").exists()
+
+
+def test_dry_run_local(counter_env, capsys):
+    assert main(["counter", "--cluster", "local", "--gpus", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert '"tasks_per_node": 2' in out and "nothing was submitted" in out
+    assert not (counter_env / "outputs").exists()
+
+
+def test_pretrain_dry_run_checks_batch_and_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--cluster", "local", "--gpus", "2", "--dry-run", "data.root=/no/such/folder"]) == 2
+    err = _err(capsys)
+    assert "pretrain stage rejects this setup" in err and "/no/such/folder" in err and "fix:" in err
+    assert main(["pretrain", "--cluster", "local", "--gpus", "3", "--dry-run", f"data.root={ROOT}/data/synthetic/classification",
+                 "optim.batch_size=64"]) == 2
+    assert "not divisible" in _err(capsys)
+
+
+# ---------------------------------------------------------------------------------- run folders
+def test_complete_run_does_nothing(counter_env, capsys):
+    run = counter_env / "outputs" / "counter" / "counter"
+    run.mkdir(parents=True)
+    (run / "COMPLETE").write_text("{}\n")
+    assert main(["counter", "--cluster", "local"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert not (run / "submissions.jsonl").exists()
+
+
+def test_existing_folder_resumes_and_new_picks_a_free_name(counter_env, capsys):
+    run = counter_env / "outputs" / "counter" / "counter"
+    run.mkdir(parents=True)
+    (run / "last.pth").write_text("")
+    assert main(["counter", "--cluster", "local", "--dry-run"]) == 0
+    assert "resuming that run" in capsys.readouterr().out
+    assert main(["counter", "--cluster", "local", "--dry-run", "--new"]) == 0
+    out = capsys.readouterr().out
+    assert "new run in" in out and "counter_2" in out and "name: counter_2" in out
+
+
+# -------------------------------------------------------------------------------- local processes
+@pytest.mark.slow
+def test_local_two_processes_wait_checkpoint_and_complete(counter_env, capsys):
+    assert main(["counter", "--cluster", "local", "--gpus", "2", "--wait", "steps=3", "step_seconds=0.1"]) == 0
+    out = capsys.readouterr().out
+    run = counter_env / "outputs" / "counter" / "counter"
+    assert "rank 0 of world size 2" in out and "counter: step 3/3" in out  # streamed rank-0 log
+    assert json.loads((run / "results.json").read_text()) == {"steps": 3, "world_size": 2, "resumed_from": 0}
+    import torch
+
+    assert torch.load(run / "last.pth")["step"] == 3
+    assert (run / "config.yaml").exists() and list((run / "submitit").glob("*_1_log.out"))  # rank 1 log
+    ranks = {json.loads((run / f"env_rank{r}.json").read_text())["RANK"] for r in (0, 1)}
+    assert ranks == {"0", "1"}
+    sub = [json.loads(x) for x in (run / "submissions.jsonl").read_text().splitlines()]
+    assert len(sub) == 1 and sub[0]["cluster"] == "local"
+    # Submitting the finished run again does nothing and says so.
+    assert main(["counter", "--cluster", "local", "--gpus", "2", "--wait", "steps=3"]) == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_local_failure_exits_non_zero(counter_env, capsys):
+    assert main(["counter", "--cluster", "local", "--gpus", "1", "--wait", "fail=true"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.err and "asked to fail" in captured.err
