@@ -244,7 +244,7 @@ def _extract(state: Mapping[str, Any], prefix: str, kind: str, source: str) -> B
     if wrong:
         raise CheckpointError(f"{source} ({kind}): tensor shapes do not match a torchvision {arch}: {_shorten(wrong)}; "
                               "fix: pass a standard-width ResNet checkpoint")
-    bad = [k for k, v in picked.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in picked.items() if not _all_finite(v)]
     if bad:
         raise CheckpointError(f"{source} ({kind}): non-finite (NaN/Inf) values in {len(bad)} backbone tensors: "
                               f"{_shorten(bad)}; fix: use an earlier checkpoint from before training diverged")
@@ -259,6 +259,14 @@ def _extract(state: Mapping[str, Any], prefix: str, kind: str, source: str) -> B
             filled.append(k)
     return BackboneWeights(state_dict=ordered, kind=kind, arch=arch, small_stem=small_stem, skipped=skipped,
                            source=source, prefix=prefix, filled=filled)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """min and max are finite iff every value is (NaN propagates); one pass, ~2x faster than isfinite().all()."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
 def _infer_arch(sd: Mapping[str, torch.Tensor], source: str) -> tuple[str, bool]:
@@ -321,11 +329,13 @@ def _shorten(items: list[str], limit: int = 12) -> str:
 # loading
 
 
-def load_backbone_into(model: nn.Module, weights: BackboneWeights) -> nn.Module:
+def load_backbone_into(model: nn.Module, weights: BackboneWeights, assign: bool = False) -> nn.Module:
     """Loads ``weights`` into a ``pretrain.backbones.build_resnet`` model, checking every key.
 
     The only keys allowed to stay unloaded are the classifier's (``fc.*``, absent when fc is Identity);
     anything else (missing / unexpected keys, shape mismatches) raises CheckpointError naming the keys.
+    assign: use the weights' tensors instead of copying (for a model built on the meta device; the model
+    then shares storage with ``weights``).
     """
     target = model.state_dict()
     missing = [k for k in target if k not in weights.state_dict and not k.startswith("fc.")]
@@ -343,7 +353,7 @@ def load_backbone_into(model: nn.Module, weights: BackboneWeights) -> nn.Module:
         raise CheckpointError(f"the weights ({weights.arch}{', small stem' if weights.small_stem else ''}, from "
                               f"{weights.source}) do not fit the model: {'; '.join(parts)}; fix: build the model "
                               f"with build_resnet({weights.arch!r}, small_stem={weights.small_stem})")
-    result = model.load_state_dict(weights.state_dict, strict=False)
+    result = model.load_state_dict(weights.state_dict, strict=False, assign=assign)
     left = [k for k in result.missing_keys if not k.startswith("fc.")]
     if left or result.unexpected_keys:  # cannot happen after the checks above; never ignore the result
         raise CheckpointError(f"loading left missing={left} unexpected={result.unexpected_keys}")

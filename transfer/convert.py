@@ -33,6 +33,7 @@ import pickle
 import re
 import sys
 import tempfile
+import warnings
 from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from pretrain.backbone_weights import BackboneWeights, build_backbone_from, read_backbone_weights
+from pretrain.backbone_weights import BackboneWeights, load_backbone_into, read_backbone_weights
+from pretrain.backbones import build_resnet
 from pretrain.checkpoint import CheckpointError, atomic_torch_save
 
 FORMATS = ("detectron2", "torchvision")
@@ -148,8 +150,6 @@ def verify_torchvision_file(path: Path, weights: BackboneWeights) -> str:
 
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if weights.small_stem:
-        from pretrain.backbones import build_resnet
-
         model, target = build_resnet(weights.arch, small_stem=True), f"pretrain.backbones.build_resnet({weights.arch!r}, small_stem=True)"
     else:
         model, target = getattr(torchvision.models, weights.arch)(weights=None), f"torchvision.models.{weights.arch}()"
@@ -295,7 +295,9 @@ def compare_backbone(pkl_path: Path, weights: BackboneWeights, opts: Sequence[st
         raise CheckFailed(f"detectron2's ResNet did not take these weights completely: missing "
                           f"{_short(result.missing_keys)}, unexpected {_short(result.unexpected_keys)}, wrong shapes "
                           f"{_short([k for k, *_ in result.incorrect_shapes])}")
-    tv = build_backbone_from(weights).eval()
+    with torch.device("meta"):  # skip the random init: every tensor is assigned from the weights
+        tv = build_resnet(weights.arch, small_stem=weights.small_stem)
+    tv = load_backbone_into(tv, weights, assign=True).eval()
 
     g = torch.Generator().manual_seed(seed)
     rgb = torch.randint(0, 256, (batch, 3, image_size, image_size), generator=g).float()  # 0-255, RGB
@@ -327,10 +329,13 @@ def mask_rcnn_c4_key_report(pkl_path: Path, weights: BackboneWeights, opts: Sequ
                                                    f"{weights.arch} weights need an FPN or DC5 config")
     from detectron2.modeling import build_model
 
-    cfg, source = _transfer_c4_config(weights.arch, opts)
-    with _quiet_loggers():
+    # Only key names and shapes matter here: build on the meta device (no memory, no weight init).
+    cfg, source = _transfer_c4_config(weights.arch, list(opts) + ["MODEL.DEVICE", "meta"])
+    with _quiet_loggers(), torch.device("meta"):
         model = build_model(cfg)
-    result = _load_with_checkpointer(model, pkl_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        result = _load_with_checkpointer(model, pkl_path)
     model_keys = list(model.state_dict())
     missing = list(result.missing_keys) + [k for k, *_ in result.incorrect_shapes]
     converted = list(to_detectron2(weights))
