@@ -326,7 +326,7 @@ def mask_rcnn_c4_key_report(pkl_path: Path, weights: BackboneWeights, opts: Sequ
     """Which keys of the transfer stage's Mask R-CNN C4 stay uninitialised when these weights initialise it."""
     if DEPTHS.get(weights.arch, 0) < 50:
         return KeyReport(config="", skipped_reason=f"detectron2's C4 res5 head is built from bottleneck blocks; "
-                                                   f"{weights.arch} weights need an FPN or DC5 config")
+                                                   f"{weights.arch} weights need an FPN config")
     from detectron2.modeling import build_model
 
     # Only key names and shapes matter here: build on the meta device (no memory, no weight init).
@@ -476,7 +476,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: s
     if fmt == "detectron2":
         log(f"wrote {output}: {converted} tensors converted to detectron2 ResNet names "
             f"(stem, res2-res5, convK.norm, shortcut), __author__ set, matching_heuristics True")
-        log("use it with these detectron2 settings (our configs/detection/*.yaml already have them):")
+        log("use it with these detectron2 settings (configs/detection/*.yaml have them for ResNet-50):")
         settings = detectron2_settings(weights.arch)
         for k, v in zip(settings[0::2], settings[1::2]):
             log(f"  {k} {v}")
@@ -499,7 +499,12 @@ def _log_skipped(weights: BackboneWeights, log, verbose: bool) -> None:
     if not weights.skipped:
         log("  skipped input keys: none")
         return
-    groups = Counter(".".join(k.split(".")[:2]) if k.count(".") > 1 else k for k in weights.skipped)
+    def group(key: str) -> str:  # "projector", "module.encoder_k", "ema_model.backbone", ...
+        parts = key.split(".")
+        depth = 2 if parts[0] in ("module", "model", "ema_model") else 1
+        return ".".join(parts[:depth]) if len(parts) > depth else key
+
+    groups = Counter(group(k) for k in weights.skipped)
     log(f"  skipped input keys (not part of the {weights.encoder} backbone): {len(weights.skipped)}: "
         + ", ".join(f"{g}* x{n}" if n > 1 else g for g, n in groups.items()))
     if verbose:
