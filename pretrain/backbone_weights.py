@@ -126,8 +126,22 @@ def _load_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        if _is_detectron2_pickle(path):
+            raise CheckpointError(f"{path} is a detectron2 / Caffe2 weights pickle (already converted); fix: use it "
+                                  "directly as MODEL.WEIGHTS, or pass the original pretraining .pth") from e
         raise CheckpointError(f"{path} is not a checkpoint: torch.load failed ({type(e).__name__}: {str(e)[:200]}); "
                               "fix: pass a .pth/.pt/.tar file written by torch.save") from e
+
+
+def _is_detectron2_pickle(path: Path) -> bool:
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+    except Exception:  # noqa: BLE001 - not a plain pickle either
+        return False
+    return isinstance(data, Mapping) and ("model" in data or "blobs" in data)
 
 
 def _intl_pretrain_state(obj: Mapping, encoder: str, source: str):

@@ -172,7 +172,9 @@ def test_non_finite_weights_refused(r18_online):
         read_backbone_weights(sd)
 
 
-def test_wrong_widths_refused():
-    sd = torchvision.models.wide_resnet50_2().state_dict()
-    with pytest.raises(CheckpointError, match="tensor shapes do not match a torchvision resnet50"):
+def test_wrong_widths_refused(r18_online):
+    sd = dict(r18_online.state_dict())
+    sd["layer1.0.conv1.weight"] = torch.zeros(32, 64, 3, 3)  # e.g. a half-width ResNet
+    with pytest.raises(CheckpointError, match=r"tensor shapes do not match a torchvision resnet18: "
+                                              r"layer1.0.conv1.weight \(32, 64, 3, 3\) \(expected \(64, 64, 3, 3\)\)"):
         read_backbone_weights(sd)

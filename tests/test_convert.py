@@ -232,12 +232,17 @@ def test_not_a_checkpoint_and_bad_arguments(tmp_path, capsys):
     assert "must be named *.pkl" in capsys.readouterr().err
     assert main([str(src), str(src)]) == 2
     assert "is the input" in capsys.readouterr().err
+    assert main([str(src), str(tmp_path / "w.pkl"), "--check", "--check-opts", "MODEL.RESNET.DEPTH", "50"]) == 2
+    assert "Non-existent key: MODEL.RESNET.DEPTH" in capsys.readouterr().err
+    assert main([str(src), str(tmp_path / "r18.pkl")]) == 0  # an already converted file as input:
+    assert main([str(tmp_path / "r18.pkl"), str(tmp_path / "again.pth")]) == 2
+    assert "is a detectron2 / Caffe2 weights pickle (already converted)" in capsys.readouterr().err
 
     torch.save(build_resnet("resnet18", small_stem=True).state_dict(), tmp_path / "cifar.pth")
     assert main([str(tmp_path / "cifar.pth"), str(tmp_path / "cifar.pkl")]) == 2
     assert "small-stem" in capsys.readouterr().err
     assert main([str(tmp_path / "cifar.pth"), str(tmp_path / "cifar_tv.pth")]) == 0  # torchvision format is fine
-    _no_leftovers(tmp_path, {"notes.pth", "r18.pth", "cifar.pth", "cifar_tv.pth"})
+    _no_leftovers(tmp_path, {"notes.pth", "r18.pth", "r18.pkl", "cifar.pth", "cifar_tv.pth"})
 
 
 # ---- a real pretraining checkpoint from the engine ---------------------------------------------------------

@@ -167,6 +167,19 @@ def verify_torchvision_file(path: Path, weights: BackboneWeights) -> str:
     return f"loads into {target} with only {sorted(result.missing_keys) or 'no keys'} missing"
 
 
+def verify_detectron2_file(path: Path, expected: dict) -> str:
+    """Re-reads the written pickle the way detectron2 does and compares it with what was meant to be written."""
+    with open(path, "rb") as f:
+        data = pickle.load(f, encoding="latin1")
+    if "__author__" not in data or data.get("matching_heuristics") is not True:
+        raise ConversionError(f"{path}: __author__ / matching_heuristics missing after writing")
+    model = data["model"]
+    if list(model) != list(expected["model"]) or any(
+            not np.array_equal(model[k], expected["model"][k]) for k in model):
+        raise ConversionError(f"{path}: the tensors read back differ from the ones written")
+    return f"re-read {len(model)} arrays, __author__ {data['__author__']!r}, matching_heuristics True"
+
+
 @dataclass
 class StageDiff:
     stage: str  # detectron2 name
@@ -253,15 +266,26 @@ def _quiet_loggers(names=("fvcore", "detectron2")):
             lg.setLevel(lv)
 
 
-def _d2_base_config(arch: str, opts: Sequence[str] = ()):
+def _d2_base_config(arch: str, opts: Sequence[str] = (), forced: Sequence[str] = ()):
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file(C4_ZOO_CONFIG))
     cfg.merge_from_list(detectron2_settings(arch) + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
-    cfg.merge_from_list(list(opts))
+    with _bad_opts_message(opts):
+        cfg.merge_from_list(list(opts))
+    cfg.merge_from_list(list(forced))
     return cfg
+
+
+@contextmanager
+def _bad_opts_message(opts: Sequence[str]):
+    try:
+        yield
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConversionError(f"the detectron2 overrides {list(opts)} are not valid ({type(e).__name__}: {e}); "
+                              "fix: pass --check-opts as detectron2 KEY VALUE pairs, e.g. MODEL.RESNETS.STRIDE_IN_1X1 True") from e
 
 
 def _load_with_checkpointer(model: torch.nn.Module, pkl_path: Path):
@@ -287,7 +311,7 @@ def compare_backbone(pkl_path: Path, weights: BackboneWeights, opts: Sequence[st
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone import build_resnet_backbone
 
-    cfg = _d2_base_config(weights.arch, list(opts) + ["MODEL.RESNETS.OUT_FEATURES", str([s for s, _ in _STAGES]),
+    cfg = _d2_base_config(weights.arch, opts, forced=["MODEL.RESNETS.OUT_FEATURES", str([s for s, _ in _STAGES]),
                                                       "MODEL.BACKBONE.FREEZE_AT", "0"])
     d2 = build_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
     result = _load_with_checkpointer(d2, pkl_path)
@@ -330,7 +354,7 @@ def mask_rcnn_c4_key_report(pkl_path: Path, weights: BackboneWeights, opts: Sequ
     from detectron2.modeling import build_model
 
     # Only key names and shapes matter here: build on the meta device (no memory, no weight init).
-    cfg, source = _transfer_c4_config(weights.arch, list(opts) + ["MODEL.DEVICE", "meta"])
+    cfg, source = _transfer_c4_config(weights.arch, opts, forced=["MODEL.DEVICE", "meta"])
     with _quiet_loggers(), torch.device("meta"):
         model = build_model(cfg)
     with warnings.catch_warnings():
@@ -363,7 +387,7 @@ def mask_rcnn_c4_key_report(pkl_path: Path, weights: BackboneWeights, opts: Sequ
     return report
 
 
-def _transfer_c4_config(arch: str, opts: Sequence[str]):
+def _transfer_c4_config(arch: str, opts: Sequence[str], forced: Sequence[str] = ()):
     """The transfer stage's C4 config (configs/detection, with the extra-norm head) when available, else the zoo's."""
     settings = detectron2_settings(arch) + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(opts)
     try:
@@ -371,11 +395,13 @@ def _transfer_c4_config(arch: str, opts: Sequence[str]):
     except ImportError:
         load_config = None
     if load_config is not None and TRANSFER_C4_CONFIG.is_file():
-        cfg = load_config(TRANSFER_C4_CONFIG, settings)
+        with _bad_opts_message(opts):
+            cfg = load_config(TRANSFER_C4_CONFIG, settings)
+        cfg.merge_from_list(list(forced))
         if cfg.MODEL.RESNETS.NORM in ("SyncBN", "naiveSyncBN", "nnSyncBN"):
             cfg.MODEL.RESNETS.NORM = "BN"  # same keys; SyncBN layers need a process group only to run
         return cfg, f"{TRANSFER_C4_CONFIG.relative_to(TRANSFER_C4_CONFIG.parents[2])}, ROI head {cfg.MODEL.ROI_HEADS.NAME}"
-    return _d2_base_config(arch, opts), f"detectron2 model zoo {C4_ZOO_CONFIG} (transfer.detection not available)"
+    return _d2_base_config(arch, opts, forced), f"detectron2 model zoo {C4_ZOO_CONFIG} (transfer.detection not available)"
 
 
 def check_detectron2(pkl_path: Path, weights: BackboneWeights, opts: Sequence[str] = (),
@@ -452,6 +478,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: s
             _write_pickle(ckpt, tmp)
             converted = len(ckpt["model"])
             _log_renames(weights, ckpt["model"], log, verbose)
+            log(f"verified: {verify_detectron2_file(tmp, ckpt)}")
             report = None
             if check:
                 log("check: detectron2 ResNet vs torchvision on a random RGB batch (eval mode, float32) ...")
@@ -586,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detectron2: compare detectron2's ResNet with the torchvision model numerically and report "
                         "which Mask R-CNN C4 keys stay new; fail (writing nothing) on a mismatch")
     p.add_argument("--check-opts", nargs="*", default=[], metavar="KEY VALUE",
-                   help="extra detectron2 config overrides for --check (e.g. to test another setting)")
+                   help="extra detectron2 config overrides for --check (e.g. to test another setting); "
+                        "put them after INPUT OUTPUT")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"--check's max difference relative to the largest output (default {DEFAULT_TOLERANCE:g})")
     p.add_argument("-v", "--verbose", action="store_true", help="list every renamed and skipped key")
@@ -594,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 written, 1 --check failed, 2 unusable input or arguments (nothing written in both)."""
     args = build_parser().parse_args(argv)
     try:
         convert(args.input, args.output, to=args.to, encoder=args.encoder, check=args.check,
