@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.v2.functional as TF2
 from PIL import Image
 
 try:  # OpenCV is part of the pinned environment (opencv-python-headless); say so if it is missing.
@@ -45,7 +46,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
 
 
 @dataclass
@@ -230,7 +231,7 @@ class ViewTransform:
         self.views = list(cfg.views)
         self.sizes = [v.size for v in self.views]
         self.num_views = len(self.views)
-        self._resample = INTERPOLATIONS[cfg.interpolation]
+        self._interp = INTERPOLATIONS[cfg.interpolation]
         self._jitter_ranges = (_range(cfg.brightness), _range(cfg.contrast), _range(cfg.saturation),
                                _range(cfg.hue, centre=0.0))
         self._jitter_on = any(r is not None for r in self._jitter_ranges)
@@ -275,12 +276,17 @@ class ViewTransform:
         return img
 
     # -- application ----------------------------------------------------------------------------------
-    def apply(self, img: Image.Image, p: ViewParams, size: int, scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
-        """One view of a decoded RGB image; ``scale`` maps original-pixel boxes to this image's pixels."""
-        top, left, h, w = p.box
-        sx, sy = scale
-        crop = img.resize((size, size), self._resample, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
-        x = np.array(crop)  # H x W x 3 uint8, writable
+    def apply(self, img: Image.Image | np.ndarray, p: ViewParams, size: int,
+              scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+        """One view of a decoded RGB image (PIL or H x W x 3 uint8 array).
+
+        ``scale`` maps original-pixel boxes to this image's pixels (after a reduced-scale decode).
+        """
+        hwc = img if isinstance(img, np.ndarray) else np.array(img)
+        top, left, h, w = _scale_box(p.box, scale, hwc.shape[0], hwc.shape[1])
+        chw = torch.from_numpy(hwc).permute(2, 0, 1)  # a view: no copy
+        crop = TF2.resized_crop(chw, top, left, h, w, [size, size], interpolation=self._interp, antialias=True)
+        x = np.ascontiguousarray(crop.permute(1, 2, 0).numpy())  # H x W x 3 uint8 for OpenCV
         if p.jitter is not None:
             order, b, c, s, hue = p.jitter
             for fn in order:
@@ -291,7 +297,8 @@ class ViewTransform:
                     x = cv2.LUT(x, _blend_lut(float(mean), c))
                 elif fn == 2 and s is not None:
                     gray = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-                    x = cv2.addWeighted(x, s, gray, 1.0 - s, 0.0)
+                    # gamma -0.5: OpenCV rounds, PIL's blend truncates
+                    x = cv2.addWeighted(x, s, gray, 1.0 - s, -0.5)
                 elif fn == 3 and hue is not None:
                     x = _shift_hue(x, hue)
         if p.grayscale:
@@ -300,17 +307,38 @@ class ViewTransform:
             x = cv2.GaussianBlur(x, (0, 0), sigmaX=p.blur_sigma, sigmaY=p.blur_sigma, borderType=cv2.BORDER_REPLICATE)
         if p.solarize:
             x = cv2.LUT(x, self._solarize_lut)
-        t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
         if p.flip:
-            t = t.flip(-1)
-        return (t.float() - self._mean255) * self._inv_std255
+            x = cv2.flip(x, 1)
+        return self._normalise(x)
+
+    def _normalise(self, x: np.ndarray) -> torch.Tensor:
+        """H x W x 3 uint8 -> 3 x H x W float32 ``(x / 255 - mean) / std``, contiguous.
+
+        Splitting the planes first keeps every step contiguous (a strided HWC->CHW float conversion is
+        4x slower).
+        """
+        out = torch.empty((3, x.shape[0], x.shape[1]), dtype=torch.float32)
+        for c, plane in enumerate(cv2.split(x)):
+            out[c].copy_(torch.from_numpy(plane))
+        return out.sub_(self._mean255).mul_(self._inv_std255)
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
         width, height = img.size
         params = self.sample_params(width, height)
         img = self.decode(img, params)
         scale = (img.width / width, img.height / height)
-        return [self.apply(img, p, size, scale) for p, size in zip(params, self.sizes)]
+        hwc = np.array(img)  # writable H x W x 3 uint8 (torch refuses to wrap read-only memory)
+        return [self.apply(hwc, p, size, scale) for p, size in zip(params, self.sizes)]
+
+
+def _scale_box(box: tuple[int, int, int, int], scale: tuple[float, float], height: int, width: int):
+    """A (top, left, h, w) box in original pixels -> the same region in a decode scaled by ``scale``."""
+    if scale == (1.0, 1.0):
+        return box
+    top, left, h, w = box
+    sx, sy = scale
+    t, l = int(round(top * sy)), int(round(left * sx))
+    return t, l, max(1, min(int(round(h * sy)), height - t)), max(1, min(int(round(w * sx)), width - l))
 
 
 def _blend_lut(base: float, factor: float) -> np.ndarray:
@@ -324,7 +352,7 @@ def _shift_hue(x: np.ndarray, hue_factor: float) -> np.ndarray:
 
     OpenCV's 8-bit HSV_FULL stores H in 256ths of a turn, hence the rescaled shift.
     """
-    k = int(hue_factor * 255) % 256  # what np.uint8(hue_factor * 255) gives in the reference
+    k = int(hue_factor * 255)  # the reference adds np.uint8(hue_factor * 255), i.e. this value mod 256
     shift = int(round(k * 256 / 255)) % 256
     hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)
     hsv[..., 0] += np.uint8(shift)  # uint8 arithmetic wraps around the hue circle

@@ -1,0 +1,93 @@
+"""Writes benchmark results: JSON (everything), a markdown table, a PNG of the ratios."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.common import Row
+from pretrain.runlog import atomic_write_text, write_json
+
+
+def _fmt(x: float) -> str:
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3g}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """Timing / throughput rows as one table; robustness rows (counts) as a second one."""
+    timed = [r for r in rows if not r.benchmark.endswith("robustness")]
+    counted = [r for r in rows if r.benchmark.endswith("robustness")]
+    lines = []
+    if timed:
+        lines += ["| benchmark | case | variant | unit | median | min | max | ratio to baseline |",
+                  "|---|---|---|---|---:|---:|---:|---:|"]
+        for r in timed:
+            ratio = "baseline" if r.baseline is None else f"**{r.ratio:.2f}x**"
+            extra = f" (peak RSS {r.extra['peak_rss_mb']:.0f} MiB)" if "peak_rss_mb" in r.extra else ""
+            lines.append(f"| {r.benchmark} | {r.case} | {r.variant}{extra} | {r.unit} | {_fmt(r.median)} | "
+                         f"{_fmt(min(r.values))} | {_fmt(max(r.values))} | {ratio} |")
+        lines.append("")
+        lines.append("ratio = speed-up over the baseline of the same case (baseline time / time, or "
+                     "throughput / baseline throughput); > 1 is faster.")
+    if counted:
+        lines += ["", "| whitening robustness case | method | failed / trials | eigh error | non-finite output | "
+                      "non-finite grad | median max abs grad (ok trials) |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in counted:
+            e = r.extra
+            g = e.get("median_max_abs_grad")
+            lines.append(f"| {r.case} | {r.variant} | {int(r.values[0])} / {e['trials']} | {e['eigh_error']} | "
+                         f"{e['nonfinite_output']} | {e['nonfinite_grad']} | {'-' if g is None else f'{g:.3g}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine_block(machine: dict) -> str:
+    keys = ("cpu", "logical_cpus", "cpus_usable", "load_average_1m", "mem_total_gib", "torch_threads", "cuda",
+            "python", "torch", "torchvision", "numpy", "pillow", "opencv", "libjpeg_turbo", "platform")
+    return "\n".join(f"- {k}: {machine.get(k)}" for k in keys if k in machine)
+
+
+def plot_ratios(rows: list[Row], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = [(f"{r.benchmark}: {r.case}\n{r.variant}", r.ratio) for r in rows
+            if r.baseline is not None and r.ratio is not None and not r.benchmark.endswith("robustness")]
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.7 * len(data) + 1.2))
+    labels, ratios = zip(*data)
+    colours = ["tab:green" if x >= 1 else "tab:red" for x in ratios]
+    ax.barh(range(len(data)), ratios, color=colours)
+    ax.axvline(1.0, color="k", lw=1)
+    ax.set_yticks(range(len(data)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over the baseline (median of repeats; 1 = same)")
+    for i, x in enumerate(ratios):
+        ax.text(x, i, f" {x:.2f}x", va="center", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_all(result: dict, rows: list[Row], out: Path, stem: str) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [write_json(out / f"{stem}.json", result)]
+    md = (f"# Benchmarks {result['created_utc']}\n\n`{result['command']}`, settings {result['settings']}\n\n"
+          + markdown_table(rows) + "\n## Machine\n" + machine_block(result["machine"]) + "\n")
+    paths.append(atomic_write_text(out / f"{stem}.md", md))
+    png = plot_ratios(rows, out / f"{stem}.png")
+    if png is not None:
+        paths.append(png)
+    return paths
