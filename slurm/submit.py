@@ -18,6 +18,7 @@ import json
 import os
 import shlex
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -358,7 +359,7 @@ def wait_for(jobs: list) -> int:
         all_done = True
         for job, follower in zip(jobs, followers):
             follower.poll()
-            done = job.done(force_check=True)
+            done = job.done(force_check=True) and not _still_in_slurm_queue(job)
             state = job.state
             if state != states[job.job_id]:
                 states[job.job_id] = state
@@ -381,6 +382,21 @@ def wait_for(jobs: list) -> int:
         shown = json.dumps(summary, default=str)[:400] if summary is not None else "no results returned"
         print(f"submit: job {job.job_id} finished: {shown}")
     return 1 if failures else 0
+
+
+def _still_in_slurm_queue(job) -> bool:
+    """A Slurm job whose result files exist can still be tearing down its step (RUNNING/COMPLETING);
+    --wait returns only once the scheduler has let it go, so a next command sees the run as it is."""
+    import submitit
+
+    if not isinstance(job, submitit.SlurmJob):
+        return False
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
 
 
 def _job_error(e: Exception) -> str:

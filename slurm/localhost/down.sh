@@ -21,21 +21,23 @@ if [[ -f $DIR/run/slurmctld.pid ]] && kill -0 "$(cat "$DIR/run/slurmctld.pid")" 
   fi
 fi
 
-stop() {  # name pidfile
-  local pidfile=$2 pid
-  [[ -f $pidfile ]] || return 0
-  pid=$(cat "$pidfile")
-  if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-    if kill -0 "$pid" 2>/dev/null; then echo "down.sh: $1 ($pid) ignored SIGTERM; killing" >&2; kill -KILL "$pid"; fi
-  fi
-  rm -f "$pidfile"
+pid_of() { [[ -f $1 ]] && cat "$1"; }
+stop() {  # pidfile... : SIGTERM together, wait up to 10 s, then SIGKILL what is left
+  local pids=() f p
+  for f in "$@"; do p=$(pid_of "$f"); [[ -n $p ]] && kill -0 "$p" 2>/dev/null && pids+=("$p"); done
+  [[ ${#pids[@]} -gt 0 ]] && kill -TERM "${pids[@]}" 2>/dev/null
+  for _ in $(seq 100); do
+    alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [[ $alive -eq 0 ]] && break; sleep 0.1
+  done
+  for p in "${pids[@]}"; do
+    if kill -0 "$p" 2>/dev/null; then echo "down.sh: pid $p ignored SIGTERM; killing" >&2; kill -KILL "$p"; fi
+  done
+  rm -f "$@"
 }
-stop slurmd "$DIR/run/slurmd.pid"
-stop slurmctld "$DIR/run/slurmctld.pid"
-stop slurmdbd "$DIR/run/slurmdbd.pid"
-stop mariadbd "$DIR/run/mysqld.pid"
-stop munged "$DIR/run/munged.pid"
+# The Slurm daemons together, then the database they write to, then munge they authenticate with.
+stop "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid" "$DIR/run/slurmdbd.pid"
+stop "$DIR/run/mysqld.pid"
+stop "$DIR/run/munged.pid"
 if [[ $purge -eq 1 ]]; then rm -rf "$DIR"; fi
 echo "[slurm-down] stopped the localhost cluster in $DIR"

@@ -143,6 +143,7 @@ ReturnToService=2
 InactiveLimit=0
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
+AccountingStorageTRES=gres/gpu
 $acct_lines
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool

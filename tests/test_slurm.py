@@ -1,0 +1,139 @@
+"""`submit` against a real single-node Slurm on localhost (slurm/localhost/up.sh), started by this module.
+
+The session fixture installs the Debian packages when they are missing (apt, as root), starts munged,
+MariaDB + slurmdbd, slurmctld and slurmd in a private folder with two fake GPUs, and tears everything
+down at the end. Measured here: install about 13 s, start about 10 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import stage_fixtures
+from slurm import stages
+from slurm.submit import main
+
+pytestmark = pytest.mark.slurm
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+UP = ROOT / "slurm" / "localhost" / "up.sh"
+DOWN = ROOT / "slurm" / "localhost" / "down.sh"
+
+
+@pytest.fixture(scope="module")
+def localhost_slurm():
+    if os.geteuid() != 0:
+        pytest.skip("the localhost Slurm cluster runs its daemons as root; run the suite as root (CI does)")
+    folder = Path(tempfile.mkdtemp(prefix="intl-slurm-", dir="/tmp"))
+    t0 = time.time()
+    proc = subprocess.run(["bash", str(UP), "--install", str(folder)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        logs = "".join(f"\n--- {p}\n" + p.read_text()[-2000:] for p in sorted((folder / "log").glob("*.log")))
+        subprocess.run(["bash", str(DOWN), "--purge", str(folder)], capture_output=True, timeout=120)
+        pytest.fail(f"slurm/localhost/up.sh failed:\n{proc.stdout}\n{proc.stderr}{logs}")
+    print(f"\nlocalhost Slurm up in {time.time() - t0:.1f} s: {proc.stdout.strip().splitlines()[-1]}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(folder / "etc" / "slurm.conf")
+    try:
+        yield folder
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        subprocess.run(["bash", str(DOWN), "--purge", str(folder)], capture_output=True, timeout=180)
+
+
+@pytest.fixture
+def counter_env(localhost_slurm, tmp_path, monkeypatch):
+    cfg_dir = stage_fixtures.write_counter_config(tmp_path / "cfgs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, stage_fixtures.extra_stages_env(cfg_dir))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
+    return tmp_path / "outputs" / "counter" / "counter"
+
+
+def _job_id(run: Path) -> str:
+    return json.loads((run / "submissions.jsonl").read_text().splitlines()[-1])["job_ids"][0]
+
+
+def _wait_for_step(run: Path, step: int, timeout: float = 90) -> int:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            done = int(torch.load(run / "last.pth")["step"])
+            if done >= step:
+                return done
+        except (FileNotFoundError, EOFError, RuntimeError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"the job did not reach step {step} in {timeout} s")
+
+
+def test_two_tasks_with_two_gpus_per_node(counter_env, capsys):
+    run = counter_env
+    assert main(["counter", "--cluster", "slurm", "--gpus", "2", "--time", "10", "--wait",
+                 "steps=3", "step_seconds=0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 0 of world size 2" in out and "counter: step 3/3" in out
+    job = _job_id(run)
+    script = next((run / "submitit").glob(f"*{job}*.sh"), None) or next((run / "submitit").glob("*.sh"))
+    assert "#SBATCH --gpus-per-node=2" in script.read_text() and "#SBATCH --ntasks-per-node=2" in script.read_text()
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "gres/gpu=2" in shown and "NumTasks=2" in shown, shown  # the allocation Slurm made
+    assert "JobState=COMPLETED" in shown, shown  # --wait returned once Slurm had finished the job
+    tres = subprocess.run(["sacct", "-j", job, "-n", "-X", "-o", "AllocTRES%80"], capture_output=True,
+                          text=True).stdout
+    assert "gres/gpu=2" in tres, tres  # and what accounting recorded
+    envs = [json.loads((run / f"env_rank{r}.json").read_text()) for r in (0, 1)]
+    assert {e["RANK"] for e in envs} == {"0", "1"} and all(e["WORLD_SIZE"] == "2" for e in envs)
+    assert all(e["SLURM_NTASKS"] == "2" and e["SLURM_JOB_ID"] == job for e in envs)
+    assert all(e["CUDA_VISIBLE_DEVICES"] for e in envs)  # the fake gres was bound to the tasks
+    assert torch.load(run / "last.pth")["step"] == 3
+    assert (run / "COMPLETE").exists()
+    # More GPUs than the node offers: refused before anything is queued.
+    assert main(["counter", "--cluster", "slurm", "--gpus", "4", "--new"]) == 2
+    assert "offer at most 2 GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("interrupt", ["timeout_signal", "preemption"])
+def test_interrupted_job_requeues_and_resumes(counter_env, capsys, interrupt):
+    """timeout_signal: what Slurm sends `--signal=USR2@<delay>` before the time limit (submitit calls
+    checkpoint() and requeues); preemption: Slurm itself requeues the job (scontrol requeue)."""
+    run = counter_env
+    argv = ["counter", "--cluster", "slurm", "--gpus", "2", "--time", "10", "steps=10", "step_seconds=0.4"]
+    assert main(argv) == 0
+    job = _job_id(run)
+    reached = _wait_for_step(run, 2)
+    if interrupt == "timeout_signal":
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", job], check=True)
+    capsys.readouterr()
+    # The same command with --wait attaches to the queued job instead of submitting another.
+    assert main(argv + ["--wait"]) == 0
+    out = capsys.readouterr().out
+    assert "waiting for them instead of submitting another" in out
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 10 and results["world_size"] == 2
+    assert results["resumed_from"] >= reached  # resumed from its checkpoint, not from scratch
+    log = (run / "submitit" / f"{job}_0_log.out").read_text()
+    assert f"counter: resumed from step {results['resumed_from']}" in log and "counter: step 10/10" in log
+    assert json.loads((run / "env_rank0.json").read_text())["SLURM_RESTART_COUNT"] == "1"
+    if interrupt == "timeout_signal":
+        assert "Calling checkpoint method" in log and "time-out or preemption signal; requeueing" in log
+    assert torch.load(run / "last.pth")["step"] == 10
+    # Finished: the same command again does nothing and says so.
+    assert main(argv + ["--wait"]) == 0
+    assert "already complete" in capsys.readouterr().out
