@@ -115,6 +115,8 @@ def read_backbone_weights(path_or_obj: str | os.PathLike | Mapping[str, Any], en
         skipped_extra = []
 
     weights = _extract(state, prefix, kind, source)
+    if kind == "intl-pretrain":
+        _check_against_config(weights, obj.get("config"), source)
     weights.encoder = encoder
     weights.skipped = weights.skipped + skipped_extra
     return weights
@@ -156,6 +158,21 @@ def _intl_pretrain_state(obj: Mapping, encoder: str, source: str):
         raise CheckpointError(f"{source} is a pretraining checkpoint without a 'model' state_dict; "
                               "fix: pass a checkpoint written by the pretraining engine")
     return state, obj.get("ema_model"), "ema_model"
+
+
+def _check_against_config(weights: BackboneWeights, config: Any, source: str) -> None:
+    """A pretraining checkpoint names its backbone in config.model; the tensors must agree with it."""
+    model_cfg = config.get("model") if isinstance(config, Mapping) else None
+    if not isinstance(model_cfg, Mapping):
+        return
+    arch, small = model_cfg.get("arch"), model_cfg.get("small_stem")
+    if arch is not None and arch != weights.arch:
+        raise CheckpointError(f"{source}: its config says model.arch={arch} but the backbone tensors are a "
+                              f"{weights.arch}; the checkpoint is inconsistent, fix: use the run's own last.pth")
+    if small is not None and bool(small) != weights.small_stem:
+        raise CheckpointError(f"{source}: its config says model.small_stem={small} but conv1 is "
+                              f"{'3x3' if weights.small_stem else '7x7'}; the checkpoint is inconsistent, "
+                              "fix: use the run's own last.pth")
 
 
 def _find_state_dict(obj: Mapping, source: str) -> Mapping[str, Any]:

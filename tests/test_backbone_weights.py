@@ -47,7 +47,7 @@ def test_intl_pretrain_online_and_ema(tmp_path, r18_online, r18_ema):
     model = {**{f"backbone.{k}": v for k, v in r18_online.state_dict().items()}, **_projector_state()}
     ema = {**{f"backbone.{k}": v for k, v in r18_ema.state_dict().items()}, **_projector_state()}
     path = save_checkpoint({"model": model, "ema_model": ema, "epoch": 1, "step": 10,
-                            "config": {"backbone": {"arch": "resnet18"}}}, tmp_path / "last.pth")
+                            "config": {"model": {"arch": "resnet18", "small_stem": False}}}, tmp_path / "last.pth")
 
     online = read_backbone_weights(path)
     assert (online.kind, online.arch, online.small_stem, online.encoder) == ("intl-pretrain", "resnet18", False, "online")
@@ -62,6 +62,14 @@ def test_intl_pretrain_online_and_ema(tmp_path, r18_online, r18_ema):
 
     loaded = build_backbone_from(momentum)
     _assert_same(loaded.state_dict(), r18_ema)
+
+
+def test_intl_pretrain_config_must_match_the_tensors(tmp_path, r18_online):
+    model = {f"backbone.{k}": v for k, v in r18_online.state_dict().items()}
+    path = save_checkpoint({"model": model, "epoch": 1, "step": 1, "config": {"model": {"arch": "resnet50"}}},
+                           tmp_path / "a.pth")
+    with pytest.raises(CheckpointError, match="config says model.arch=resnet50 but the backbone tensors are a resnet18"):
+        read_backbone_weights(path)
 
 
 def test_intl_pretrain_without_ema_refuses_momentum(tmp_path, r18_online):

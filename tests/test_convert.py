@@ -35,7 +35,7 @@ def _pretrain_state(model, ema) -> dict:
     projector = {"projector.0.weight": torch.randn(32, model.feature_dim), "projector.1.running_mean": torch.zeros(32)}
     return {"model": {**{f"backbone.{k}": v for k, v in model.state_dict().items()}, **projector},
             "ema_model": {**{f"backbone.{k}": v for k, v in ema.state_dict().items()}, **projector},
-            "epoch": 3, "step": 30, "config": {"backbone": {"arch": "resnet50"}}}
+            "epoch": 3, "step": 30, "config": {"model": {"arch": "resnet50", "small_stem": False}}}
 
 
 @pytest.fixture(scope="module")
