@@ -134,3 +134,79 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     n = test.shape[0]
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "k": k, "weighted": weighted,
             "n_train": int(train.shape[0]), "n_test": int(n)}
+
+
+# ------------------------------------------------------------------------------------------ the stage
+STAGE = "knn"
+
+
+def validate_config(cfg, world_size: int = 1, check_paths: bool = True):
+    from transfer.classification import validate_eval_config
+
+    return validate_eval_config(cfg, STAGE, world_size=world_size, check_paths=check_paths)
+
+
+def run(cfg) -> dict | None:
+    """k-NN evaluation of ``cfg.weights`` (or random init) on ``cfg.data``: features of the training and
+    validation images (evaluation transform), then k=``knn.k`` plain and k=``knn.weighted_k`` weighted votes.
+    top1/top5 in results.json are the plain k-NN's (the paper's tables); the weighted ones are under
+    ``weighted``."""
+    from pathlib import Path
+
+    from pretrain import runlog
+    from pretrain.distributed import init_distributed
+    from transfer import classification as C
+
+    C.ensure_logging()
+    info = init_distributed()
+    cfg = validate_config(cfg, world_size=info.world_size)
+    C.cpu_threads_per_process(info)
+    run_dir = Path(cfg.run_dir)
+    if runlog.is_complete(run_dir):
+        return C.completed_results(run_dir, info)
+    if info.is_main:
+        runlog.save_config(run_dir, cfg)
+    transform = C.eval_transform(cfg.data)
+    train_ds = C.image_folder(cfg.data, "train_dir", transform)
+    val_ds = C.image_folder(cfg.data, "val_dir", transform)
+    C.check_same_classes(train_ds, val_ds)
+    loaded = C.build_model(cfg, num_classes=None)
+    backbone = loaded.model.to(info.device)
+    C.log.info("k-NN evaluation of %s (%s, %s, feature dim %d): %d train / %d val images, %d classes",
+               loaded.source, loaded.arch, loaded.kind, loaded.feature_dim, len(train_ds), len(val_ds),
+               len(train_ds.classes))
+    t0 = time.time()
+    tr_f, tr_y = extract_features(backbone, C.eval_loader(train_ds, cfg.knn.batch_size, cfg.data.workers), info.device,
+                                  progress=info.is_main)
+    va_f, va_y = extract_features(backbone, C.eval_loader(val_ds, cfg.knn.batch_size, cfg.data.workers), info.device,
+                                  progress=info.is_main)
+    if tr_f.shape[1] != loaded.feature_dim:
+        raise RuntimeError(f"the backbone gave {tr_f.shape[1]} features, expected {loaded.feature_dim} for {loaded.arch}")
+    results = None
+    if info.is_main:
+        n_cls = len(train_ds.classes)
+        plain = knn_accuracy(tr_f, tr_y, va_f, va_y, k=cfg.knn.k, weighted=False, num_classes=n_cls)
+        weighted = (knn_accuracy(tr_f, tr_y, va_f, va_y, k=cfg.knn.weighted_k, weighted=True,
+                                 temperature=cfg.knn.temperature, num_classes=n_cls) if cfg.knn.weighted_k else None)
+        logger = runlog.MetricsLogger(run_dir, enabled=True)
+        logger.log(0, prefix=f"knn{plain['k']}/", top1=plain["top1"], top5=plain["top5"])
+        if weighted:
+            logger.log(0, prefix=f"knn{weighted['k']}_weighted/", top1=weighted["top1"], top5=weighted["top5"])
+        logger.close()
+        C.log.info("k-NN (k=%d): top-1 %.2f top-5 %.2f%s  [%.0fs]", plain["k"], plain["top1"], plain["top5"],
+                   f"; weighted k-NN (k={weighted['k']}, T={cfg.knn.temperature}): top-1 {weighted['top1']:.2f} "
+                   f"top-5 {weighted['top5']:.2f}" if weighted else "", time.time() - t0)
+        results = {
+            "stage": STAGE, "top1": plain["top1"], "top5": plain["top5"], "k": plain["k"], "weighted": weighted,
+            "epochs": 0, "subset": None, "source_checkpoint": cfg.weights, "encoder": cfg.encoder,
+            "weights_kind": loaded.kind, "arch": loaded.arch, "small_stem": loaded.small_stem,
+            "feature_dim": loaded.feature_dim, "num_classes": n_cls, "n_train": int(tr_f.shape[0]),
+            "n_val": int(va_f.shape[0]), "world_size": info.world_size, "config": C.config_dict(cfg),
+        }
+    return C.finish(run_dir, info, results or {})
+
+
+if __name__ == "__main__":
+    from transfer.classification import hydra_main
+
+    hydra_main(STAGE, run)

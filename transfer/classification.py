@@ -1,0 +1,576 @@
+"""The pieces the three classification evaluations share (linear, semi-supervised, k-NN): one place each.
+
+- config schema (``EvalSchema``: name, run_dir, seed, weights, encoder, model, data, optim, train) and its
+  validation (unknown keys, bad values, non-divisible global batch, missing folders: a message naming the
+  key and the fix);
+- transforms (training: RandomResizedCrop + flip; evaluation: resize + centre crop, the paper's 256/224),
+  ImageFolder datasets and distributed loaders (an exact, unpadded shard sampler for evaluation);
+- the backbone + classifier: a torchvision ResNet whose ``fc`` is the classifier, loaded from any
+  checkpoint ``pretrain.backbone_weights`` reads, with the load checked (missing keys == the classifier's);
+- the frozen-backbone check (moco ``main_lincls.py`` sanity check, in our own words);
+- the classifier training loop with epoch checkpoints, resume, progress lines with ETA, TensorBoard and
+  metrics.jsonl, top-1/top-5 evaluation, results.json and COMPLETE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pretrain import runlog
+from pretrain.backbones import FEATURE_DIMS, build_resnet
+from pretrain.checkpoint import CheckpointError, atomic_torch_save
+from pretrain.distributed import DistInfo, get_rank, get_world_size, is_dist
+
+log = logging.getLogger("transfer")
+
+CLASSIFIER_FORMAT = "intl-classifier"
+CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
+ENCODERS = ("online", "momentum")
+SCHEDULES = ("step", "cosine")
+
+
+class EvalConfigError(ValueError):
+    """A classification-evaluation config that cannot run; the message names the key and the fix."""
+
+
+class LoadCheckError(RuntimeError):
+    """Loading the backbone did not give exactly the expected missing / unexpected keys."""
+
+
+class FrozenBackboneError(RuntimeError):
+    """The backbone of a linear evaluation changed during training."""
+
+
+# ------------------------------------------------------------------------------------------ schema
+@dataclass
+class ModelSchema:
+    arch: Optional[str] = None        # null: from the checkpoint; required when weights is null
+    small_stem: Optional[bool] = None  # null: from the checkpoint (False for random init)
+
+
+@dataclass
+class DataSchema:
+    root: str = "data/imagenet"       # ImageFolder root holding train_dir and val_dir
+    train_dir: str = "train"
+    val_dir: str = "val"
+    workers: int = 8                  # DataLoader workers per process
+    train_crop: int = 224             # RandomResizedCrop size (training)
+    min_scale: float = 0.08           # RandomResizedCrop scale lower bound
+    val_resize: int = 256             # evaluation: resize the shorter side, then centre-crop
+    val_crop: int = 224
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class OptimSchema:
+    epochs: int = 100
+    batch_size: int = 256             # GLOBAL batch; per process = batch_size / world size
+    base_lr: float = 0.2              # classifier lr = base_lr * batch_size / 256
+    backbone_base_lr: float = 0.0     # semi-supervised: backbone lr = this * batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "step"            # step (x gamma at milestones, in epochs) | cosine (to 0)
+    milestones: List[int] = field(default_factory=lambda: [60, 80])
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainSchema:
+    log_every: int = 50               # steps between progress lines / metric rows
+    eval_every: int = 1               # epochs between validation passes (the last epoch always)
+    max_steps_per_epoch: Optional[int] = None  # cut epochs short (quick runs, tests)
+
+
+@dataclass
+class SubsetSchema:
+    list: Optional[str] = None        # SimCLR-format list file (<wnid>_<id>.JPEG per line)
+    percent: Optional[float] = None   # no list: draw a class-balanced subset of this percentage from seed
+
+
+@dataclass
+class KnnSchema:
+    k: int = 5                        # plain majority vote (the paper's tables)
+    weighted_k: int = 20              # temperature-weighted vote (InstDisc / DINO); 0 to skip
+    temperature: float = 0.07
+    batch_size: int = 256             # GLOBAL batch for feature extraction
+
+
+@dataclass
+class EvalSchema:
+    name: str = "eval"
+    run_dir: str = "outputs/eval/${name}"
+    seed: int = 0
+    weights: Optional[str] = None     # pretraining last.pth / torchvision .pth / official INTL / MoCo; null = random init
+    encoder: str = "online"           # online | momentum (the EMA encoder of an EMA-pretrained model)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    data: DataSchema = field(default_factory=DataSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    train: TrainSchema = field(default_factory=TrainSchema)
+    subset: SubsetSchema = field(default_factory=SubsetSchema)
+    knn: KnnSchema = field(default_factory=KnnSchema)
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise EvalConfigError(msg)
+
+
+def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths: bool = True) -> DictConfig:
+    """The config merged onto ``EvalSchema`` (unknown keys and wrong types rejected), resolved and checked."""
+    raw = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg)
+    if "hydra" in raw:
+        raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"])
+    schema = OmegaConf.structured(EvalSchema)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        section = key.split(".")[0] if "." in key else ""
+        valid = (f"; valid keys of {section}: {sorted(schema[section].keys())}" if section in schema
+                 and OmegaConf.is_config(schema[section]) else f"; valid top-level keys: {sorted(schema.keys())}")
+        raise EvalConfigError(f"bad {stage} config at {key or '<root>'!r}: {getattr(e, 'msg', e)}{valid}") from None
+    m, d, o, t = merged.model, merged.data, merged.optim, merged.train
+    _check(merged.encoder in ENCODERS, f"encoder={merged.encoder!r}; choose one of {list(ENCODERS)}")
+    _check(m.arch is None or m.arch in FEATURE_DIMS, f"model.arch={m.arch!r} is unknown; choose one of {sorted(FEATURE_DIMS)}")
+    _check(merged.weights is not None or m.arch is not None,
+           "weights=null (random initialisation) needs model.arch; fix: pass weights=<checkpoint> or "
+           "model.arch=resnet50 (and model.small_stem=true for 32-px images)")
+    batch = merged.knn.batch_size if stage == "knn" else o.batch_size
+    what = "knn.batch_size" if stage == "knn" else "optim.batch_size"
+    _check(batch >= 1 and batch % world_size == 0,
+           f"{what}={batch} (the GLOBAL batch) is not a positive multiple of the {world_size} processes; "
+           f"fix: a multiple of {world_size}, e.g. {max(world_size, batch // world_size * world_size)}")
+    if stage != "knn":
+        _check(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
+        _check(o.base_lr > 0 and o.backbone_base_lr >= 0 and o.momentum >= 0 and o.weight_decay >= 0,
+               "optim.base_lr must be > 0; optim.backbone_base_lr, momentum, weight_decay >= 0")
+        _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}; choose one of {list(SCHEDULES)}")
+        _check(list(o.milestones) == sorted(o.milestones) and all(0 < x for x in o.milestones),
+               f"optim.milestones={list(o.milestones)} must be increasing positive epochs")
+        _check(t.log_every >= 1 and t.eval_every >= 1, "train.log_every and train.eval_every must be >= 1")
+        _check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch must be null or >= 1")
+    else:
+        _check(merged.knn.k >= 1 and merged.knn.weighted_k >= 0 and merged.knn.temperature > 0,
+               "knn.k must be >= 1, knn.weighted_k >= 0 (0 skips it), knn.temperature > 0")
+    _check(d.workers >= 0 and d.train_crop > 0 and d.val_crop > 0 and d.val_resize >= d.val_crop,
+           "data.workers >= 0, data.train_crop/val_crop > 0 and data.val_resize >= data.val_crop are required")
+    _check(0 < d.min_scale <= 1, f"data.min_scale must be in (0, 1], got {d.min_scale}")
+    s = merged.subset
+    if stage == "semi":
+        _check((s.list is None) != (s.percent is None),
+               "semi-supervised needs exactly one of subset.list (a SimCLR list file, e.g. 10percent.txt) "
+               "and subset.percent (a class-balanced subset drawn from seed); got "
+               f"list={s.list!r}, percent={s.percent!r}")
+        _check(s.percent is None or 0 < s.percent <= 100, f"subset.percent must be in (0, 100], got {s.percent}")
+    if check_paths:
+        for key in ("train_dir", "val_dir"):
+            folder = Path(d.root) / d[key]
+            _check(folder.is_dir(), f"data.root/data.{key} = {str(folder)!r} is not a folder; fix: set data.root to the "
+                                    "dataset root holding <train_dir>/<class>/<image> and <val_dir>/<class>/<image> "
+                                    "(ImageNet layout); for the embedded set run `python -m pretrain.synthetic --out "
+                                    "data/synthetic` and use data.root=data/synthetic/classification")
+        if merged.weights is not None:
+            _check(Path(merged.weights).is_file(), f"weights={merged.weights!r} is not a file; fix: pass a pretraining "
+                                                   "last.pth, a converted torchvision .pth, or weights=null for random init")
+        if stage == "semi" and s.list is not None:
+            _check(Path(s.list).is_file(), f"subset.list={s.list!r} is not a file; fix: pass a SimCLR list file "
+                                           "(e.g. imagenet_subsets/10percent.txt) or use subset.percent=10")
+    return merged
+
+
+# ------------------------------------------------------------------------------------------ data
+def train_transform(d: DictConfig):
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(d.train_crop, scale=(d.min_scale, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(d.mean), list(d.std))])
+
+
+def eval_transform(d: DictConfig):
+    """Resize the shorter side to ``val_resize`` and centre-crop ``val_crop`` (ImageNet: 256 / 224)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.Resize(d.val_resize, antialias=True), v2.CenterCrop(d.val_crop),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(d.mean), list(d.std))])
+
+
+def image_folder(d: DictConfig, split_key: str, transform):
+    from pretrain.data import RobustImageFolder
+
+    return RobustImageFolder(Path(d.root) / d[split_key], transform=transform)
+
+
+def check_same_classes(train_ds, val_ds) -> None:
+    if train_ds.classes != val_ds.classes:
+        only_t = sorted(set(train_ds.classes) - set(val_ds.classes))[:5]
+        only_v = sorted(set(val_ds.classes) - set(train_ds.classes))[:5]
+        raise EvalConfigError(f"the training and validation folders have different classes ({len(train_ds.classes)} vs "
+                              f"{len(val_ds.classes)}; only in train e.g. {only_t}, only in val e.g. {only_v}); "
+                              "fix: both need the same <class> sub-folders")
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``w`` gets indices r, r+w, r+2w, ... in order: an exact split, no padding (evaluation)."""
+
+    def __init__(self, n: int, rank: int | None = None, world_size: int | None = None):
+        self.n = int(n)
+        self.rank = get_rank() if rank is None else rank
+        self.world = get_world_size() if world_size is None else world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def _loader_kw(workers: int) -> dict:
+    from pretrain.data import dataloader_defaults
+
+    kw = dataloader_defaults(workers)
+    kw.pop("prefetch_factor", None)  # one decoded view per image: torch's default prefetch is enough
+    return kw
+
+
+def train_loader(dataset: Dataset, global_batch: int, seed: int, workers: int) -> DataLoader:
+    """Shuffled, distributed (DistributedSampler; call ``.sampler.set_epoch``), drops the last partial batch
+    when there is more than one batch in the epoch."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    world = get_world_size()
+    per_proc = global_batch // world
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=seed, drop_last=False)
+    drop_last = len(sampler) > per_proc
+    return DataLoader(dataset, batch_size=per_proc, sampler=sampler, drop_last=drop_last, **_loader_kw(workers))
+
+
+def eval_loader(dataset: Dataset, global_batch: int, workers: int) -> DataLoader:
+    per_proc = max(1, global_batch // get_world_size())
+    return DataLoader(dataset, batch_size=per_proc, sampler=ShardSampler(len(dataset)), **_loader_kw(workers))
+
+
+# ------------------------------------------------------------------------------------------ model
+@dataclass
+class LoadedBackbone:
+    model: nn.Module          # a torchvision ResNet; ``fc`` is the classifier (nn.Identity without one)
+    arch: str
+    small_stem: bool
+    feature_dim: int
+    source: str               # the weights path, or "random init"
+    kind: str                 # backbone_weights kind, or "random"
+
+
+def build_model(cfg: DictConfig, num_classes: int | None) -> LoadedBackbone:
+    """The backbone from ``cfg.weights`` (or random init) with a linear classifier (None: no classifier).
+
+    The checkpoint decides the architecture; ``model.arch`` / ``model.small_stem`` given as well must agree.
+    The load is checked: missing keys must be exactly the classifier's and nothing may be unexpected
+    (LoadCheckError names the keys otherwise).
+    """
+    state, kind, source = None, "random", "random init"
+    if cfg.weights is not None:
+        from pretrain.backbone_weights import read_backbone_weights
+
+        w = read_backbone_weights(cfg.weights, encoder=cfg.encoder)
+        for key, value in (("arch", w.arch), ("small_stem", w.small_stem)):
+            if cfg.model[key] is not None and cfg.model[key] != value:
+                raise EvalConfigError(f"model.{key}={cfg.model[key]!r} but {cfg.weights} holds a {w.arch}"
+                                      f"{' (small stem)' if w.small_stem else ''}; fix: drop model.{key} (the "
+                                      "checkpoint decides) or pass the matching checkpoint")
+        arch, small_stem, state, kind, source = w.arch, w.small_stem, w.state_dict, w.kind, str(cfg.weights)
+        log.info("backbone: %s", w.summary())
+    else:
+        arch, small_stem = cfg.model.arch, bool(cfg.model.small_stem)
+        log.info("backbone: %s%s at random initialisation (the baseline)", arch, " (small stem)" if small_stem else "")
+    model = build_resnet(arch, small_stem=small_stem)
+    dim = model.feature_dim  # from the architecture, never hard-coded
+    expected_missing: set[str] = set()
+    if num_classes is not None:
+        model.fc = nn.Linear(dim, num_classes)
+        # The usual linear-probe initialisation (moco / the paper's code): N(0, 0.01), zero bias.
+        nn.init.normal_(model.fc.weight, std=0.01)
+        nn.init.zeros_(model.fc.bias)
+        expected_missing = set(CLASSIFIER_KEYS)
+    if state is not None:
+        check_load(model, state, expected_missing)
+    return LoadedBackbone(model, arch, small_stem, dim, source, kind)
+
+
+def check_load(model: nn.Module, state: dict, expected_missing: set[str]) -> None:
+    """``load_state_dict(strict=False)``, then insist that exactly ``expected_missing`` was missing."""
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = set(result.missing_keys), set(result.unexpected_keys)
+    if missing != expected_missing or unexpected:
+        parts = []
+        if missing - expected_missing:
+            parts.append(f"backbone keys missing from the checkpoint: {sorted(missing - expected_missing)[:10]}")
+        if expected_missing - missing:
+            parts.append(f"classifier keys unexpectedly present in the checkpoint: {sorted(expected_missing - missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {sorted(unexpected)[:10]}")
+        raise LoadCheckError("loading the backbone did not match the model (" + "; ".join(parts) + "); the missing "
+                             f"keys must be exactly the classifier's {sorted(expected_missing)}; fix: pass a checkpoint "
+                             "of the same architecture (intl-convert --check shows what a file holds)")
+
+
+def backbone_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every backbone tensor (parameters and buffers, not the classifier) for ``check_frozen``."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+def check_frozen(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Raises FrozenBackboneError naming the backbone tensors that differ from ``snapshot``."""
+    current = model.state_dict()
+    changed = [k for k, v in snapshot.items() if not torch.equal(current[k].detach().to(v.device), v)]
+    if changed:
+        raise FrozenBackboneError(f"the backbone changed during linear evaluation ({len(changed)} tensors, e.g. "
+                                  f"{changed[:5]}): it must stay frozen (requires_grad False, eval mode, only fc in "
+                                  "the optimizer); the results are not a linear evaluation")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict:
+    """Top-1 / top-5 accuracy (percent) and mean loss over the whole (sharded) dataset."""
+    was_training = model.training
+    model.eval()
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, count
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        logits = model(images).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == targets[:, None]
+        stats += torch.tensor([hits[:, 0].sum().item(), hits.any(1).sum().item(),
+                               F.cross_entropy(logits, targets, reduction="sum").item(), len(targets)],
+                              dtype=torch.float64, device=device)
+    if is_dist():
+        torch.distributed.all_reduce(stats)
+    model.train(was_training)
+    n = max(stats[3].item(), 1.0)
+    return {"top1": 100.0 * stats[0].item() / n, "top5": 100.0 * stats[1].item() / n, "loss": stats[2].item() / n,
+            "n": int(stats[3].item())}
+
+
+# ------------------------------------------------------------------------------------------ schedule
+def lr_factor_schedule(o: DictConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """step -> multiplier of the peak lr: ``step`` (x gamma at each milestone epoch) or ``cosine`` (to 0)."""
+    from fvcore.common.param_scheduler import CosineParamScheduler, MultiStepParamScheduler
+
+    from pretrain.optim import StepSchedule
+
+    if o.schedule == "cosine":
+        return StepSchedule(CosineParamScheduler(1.0, 0.0), total_steps, offset=0)
+    milestones = [m * steps_per_epoch for m in o.milestones if m * steps_per_epoch < total_steps]
+    if not milestones:  # every milestone lies after the (shortened) schedule: a constant lr
+        return lambda step: 1.0
+    values = [o.gamma ** i for i in range(len(milestones) + 1)]
+    sched = MultiStepParamScheduler(values, num_updates=total_steps, milestones=milestones)
+    return lambda step: float(sched(min(step, total_steps - 1) / total_steps))
+
+
+# ------------------------------------------------------------------------------------------ run scaffolding
+def ensure_logging() -> None:
+    if logging.getLogger().handlers or log.handlers:
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.INFO)
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def cpu_threads_per_process(info: DistInfo) -> None:
+    """On CPU several processes share the machine: give each its share of the cores."""
+    import os
+
+    if info.device.type != "cpu" or info.world_size == 1:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    share = max(1, (os.cpu_count() or 1) // max(local, 1))
+    if torch.get_num_threads() > share:
+        torch.set_num_threads(share)
+
+
+def completed_results(run_dir: Path, info: DistInfo) -> dict | None:
+    """The results of a run that is already complete (None when it is not)."""
+    if not runlog.is_complete(run_dir):
+        return None
+    res_path = run_dir / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.exists() else {}
+    log.info("run %s is already complete (top-1 %s); nothing to do", run_dir, results.get("top1"))
+    return {**results, "already_complete": True} if info.is_main else None
+
+
+def finish(run_dir: Path, info: DistInfo, results: dict) -> dict | None:
+    """results.json + COMPLETE (rank 0), a barrier so that no rank leaves before the files exist."""
+    from pretrain.distributed import barrier
+
+    if info.is_main:
+        runlog.write_json(run_dir / "results.json", results)
+        runlog.mark_complete(run_dir, {"top1": results.get("top1"), "top5": results.get("top5")})
+        log.info("results: top-1 %.2f  top-5 %.2f -> %s", results.get("top1", float("nan")),
+                 results.get("top5", float("nan")), run_dir / "results.json")
+    barrier()
+    return results if info.is_main else None
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@dataclass
+class FitResult:
+    final: dict               # validation metrics after the last epoch
+    best_top1: float
+    epochs: int
+    steps: int
+    history: list
+
+
+def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_lrs: list[float],
+                   train_data: DataLoader, val_data: DataLoader, cfg: DictConfig, info: DistInfo,
+                   run_dir: Path, logger: runlog.MetricsLogger, set_mode: Callable[[nn.Module], None],
+                   state_to_save: Callable[[], dict], state_to_load: Callable[[dict], None]) -> FitResult:
+    """The classifier training loop shared by linear and semi-supervised evaluation.
+
+    ``peak_lrs``: one peak lr per optimizer param group, multiplied by the schedule every step.
+    ``set_mode(model)`` puts the model in its training mode (linear: all eval; semi: train).
+    ``state_to_save()`` / ``state_to_load(state)``: the model tensors this stage checkpoints (linear: fc only).
+    Resumes from ``run_dir/last.pth`` (written atomically after every epoch by rank 0).
+    """
+    o, t = cfg.optim, cfg.train
+    steps_per_epoch = len(train_data)
+    if t.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, int(t.max_steps_per_epoch))
+    if steps_per_epoch < 1:
+        raise EvalConfigError(f"the training set gives no full batch of {o.batch_size}; fix: a smaller optim.batch_size")
+    total = steps_per_epoch * o.epochs
+    factor = lr_factor_schedule(o, total, steps_per_epoch)
+    start_epoch, best, history = 0, 0.0, []
+    ckpt = run_dir / "last.pth"
+    if ckpt.exists():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if saved.get("format") != CLASSIFIER_FORMAT:
+            raise CheckpointError(f"{ckpt} is not a classifier checkpoint of this stage; fix: use another run_dir/name")
+        state_to_load(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start_epoch, best, history = int(saved["epoch"]), float(saved["best_top1"]), list(saved["history"])
+        log.info("resuming %s from epoch %d/%d (%s)", run_dir, start_epoch, o.epochs, ckpt)
+    step = start_epoch * steps_per_epoch
+    log.info("training %d epochs x %d steps, global batch %d (%d per process x %d), peak lr %s, schedule %s",
+             o.epochs, steps_per_epoch, o.batch_size, o.batch_size // info.world_size, info.world_size,
+             [round(lr, 6) for lr in peak_lrs], o.schedule)
+    final = history[-1]["val"] if history else {}
+    t0, step0 = time.time(), step
+    for epoch in range(start_epoch, o.epochs):
+        train_data.sampler.set_epoch(epoch)
+        set_mode(model)
+        run_loss, run_n = 0.0, 0
+        for i, (images, targets) in enumerate(train_data):
+            if i >= steps_per_epoch:
+                break
+            f = factor(step)
+            for group, peak in zip(optimizer.param_groups, peak_lrs):
+                group["lr"] = peak * f
+            images, targets = images.to(info.device, non_blocking=True), targets.to(info.device, non_blocking=True)
+            loss = F.cross_entropy(model(images), targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss at epoch {epoch} step {step}; fix: a lower lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            run_loss, run_n = run_loss + loss.item(), run_n + 1
+            if step % t.log_every == 0 or i + 1 == steps_per_epoch:
+                rate = (time.time() - t0) / max(step - step0, 1)
+                log.info("ep %d/%d step %d/%d loss %.4f lr %.4g | ETA %s", epoch + 1, o.epochs, step, total,
+                         run_loss / run_n, peak_lrs[-1] * f, _fmt_time(rate * (total - step)))
+                logger.log(step, prefix="train/", loss=run_loss / run_n, lr=peak_lrs[-1] * f, epoch=epoch + 1)
+        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == o.epochs:
+            final = evaluate(model, val_data, info.device)
+            best = max(best, final["top1"])
+            history.append({"epoch": epoch + 1, "val": final})
+            logger.log(step, prefix="val/", top1=final["top1"], top5=final["top5"], loss=final["loss"], epoch=epoch + 1)
+            log.info("ep %d/%d val top-1 %.2f top-5 %.2f (best top-1 %.2f)", epoch + 1, o.epochs, final["top1"],
+                     final["top5"], best)
+        if info.is_main:
+            atomic_torch_save({"format": CLASSIFIER_FORMAT, "model": state_to_save(), "optimizer": optimizer.state_dict(),
+                               "epoch": epoch + 1, "step": step, "best_top1": best, "history": history,
+                               "config": OmegaConf.to_container(cfg, resolve=True)}, ckpt)
+    return FitResult(final=final, best_top1=best, epochs=o.epochs, steps=step, history=history)
+
+
+def write_plot(run_dir: Path, history: list, title: str) -> None:
+    """val top-1 / top-5 per epoch as ``accuracy.png`` (rank 0)."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(epochs, [h["val"]["top1"] for h in history], "o-", label="top-1")
+    ax.plot(epochs, [h["val"]["top5"] for h in history], "s--", label="top-5")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val accuracy (%)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = run_dir / ".accuracy.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(run_dir / "accuracy.png")
+
+
+def config_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def hydra_main(stage: str, run: Callable[[DictConfig], Any]) -> None:
+    """``python -m transfer.<stage> key=value ...``: errors a user can cause print one line and exit 2."""
+    import hydra
+
+    @hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "configs"), config_name=stage,
+                version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        from pretrain.data import DataRootError
+
+        from transfer.subsets import SubsetError
+
+        try:
+            results = run(cfg)
+        except (EvalConfigError, LoadCheckError, FrozenBackboneError, CheckpointError, SubsetError,
+                DataRootError, FileNotFoundError) as e:
+            print(f"{stage}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if results is not None:
+            print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2))
+
+    main()
+
