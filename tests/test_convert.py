@@ -120,6 +120,31 @@ def test_wrong_detectron2_setting_fails_the_check_and_writes_nothing(tmp_path, r
     _no_leftovers(tmp_path, set())
 
 
+def test_key_report_flags_missing_backbone_and_unused_keys(tmp_path, r50_checkpoint):
+    """The Mask R-CNN C4 report must call a missing backbone key an error, not an expected new key."""
+    from pretrain.backbone_weights import read_backbone_weights
+    from transfer.convert import mask_rcnn_c4_key_report
+
+    weights = read_backbone_weights(r50_checkpoint)
+    out = tmp_path / "w.pkl"
+    convert(r50_checkpoint, out, log=lambda s: None)
+    good = mask_rcnn_c4_key_report(out, weights)
+    assert good.ok and good.loaded == 265
+
+    with open(out, "rb") as f:
+        ckpt = pickle.load(f)
+    del ckpt["model"]["res5.1.conv2.weight"], ckpt["model"]["res3.0.shortcut.norm.running_var"]
+    ckpt["model"]["res6.0.conv1.weight"] = np.zeros((4, 4, 1, 1), dtype=np.float32)
+    with open(out, "wb") as f:
+        pickle.dump(ckpt, f)
+    bad = mask_rcnn_c4_key_report(out, weights)
+    assert not bad.ok and bad.loaded == 263
+    assert sorted(bad.backbone_missing) == ["backbone.res3.0.shortcut.norm.running_var", "roi_heads.res5.1.conv2.weight"]
+    assert bad.unused == ["res6.0.conv1.weight"]
+    assert "ERROR backbone keys missing: 2" in "\n".join(bad.lines())
+    assert set(bad.expected_new) == set(good.expected_new)
+
+
 def test_momentum_encoder_to_torchvision(tmp_path, r50_checkpoint, r50_pair, capsys):
     out = tmp_path / "ema.pth"
     assert main([str(r50_checkpoint), str(out), "--encoder", "momentum"]) == 0

@@ -284,12 +284,13 @@ def _bad_opts_message(opts: Sequence[str]):
     try:
         yield
     except (KeyError, ValueError, AssertionError) as e:
-        raise ConversionError(f"the detectron2 overrides {list(opts)} are not valid ({type(e).__name__}: {e}); "
-                              "fix: pass --check-opts as detectron2 KEY VALUE pairs, e.g. MODEL.RESNETS.STRIDE_IN_1X1 True") from e
+        raise ConversionError(f"the detectron2 config for --check could not be built with the overrides {list(opts)} "
+                              f"({type(e).__name__}: {e}); fix: pass --check-opts as valid detectron2 KEY VALUE pairs, "
+                              "e.g. MODEL.RESNETS.STRIDE_IN_1X1 True") from e
 
 
 def _load_with_checkpointer(model: torch.nn.Module, pkl_path: Path):
-    """Loads through detectron2's checkpointer and returns its incompatible-keys result.
+    """Loads through detectron2's checkpointer; returns its incompatible-keys result and the file's keys.
 
     ``DetectionCheckpointer.load`` only logs what it could not load; ``_load_file`` + ``_load_model`` are the
     two halves of ``load`` and return the result, which the report needs.
@@ -302,7 +303,8 @@ def _load_with_checkpointer(model: torch.nn.Module, pkl_path: Path):
         if not checkpoint.get("matching_heuristics") or checkpoint.get("__author__") == "Caffe2":
             raise CheckFailed(f"{pkl_path} was read by detectron2 as {checkpoint.get('__author__')!r} weights "
                               "without our matching settings; this file was not written by intl-convert")
-        return checkpointer._load_model(checkpoint)
+        file_keys = list(checkpoint["model"])
+        return checkpointer._load_model(checkpoint), file_keys
 
 
 def compare_backbone(pkl_path: Path, weights: BackboneWeights, opts: Sequence[str] = (), image_size: int = 64,
@@ -314,7 +316,7 @@ def compare_backbone(pkl_path: Path, weights: BackboneWeights, opts: Sequence[st
     cfg = _d2_base_config(weights.arch, opts, forced=["MODEL.RESNETS.OUT_FEATURES", str([s for s, _ in _STAGES]),
                                                       "MODEL.BACKBONE.FREEZE_AT", "0"])
     d2 = build_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
-    result = _load_with_checkpointer(d2, pkl_path)
+    result, _ = _load_with_checkpointer(d2, pkl_path)
     if result.missing_keys or result.unexpected_keys or result.incorrect_shapes:
         raise CheckFailed(f"detectron2's ResNet did not take these weights completely: missing "
                           f"{_short(result.missing_keys)}, unexpected {_short(result.unexpected_keys)}, wrong shapes "
@@ -359,10 +361,9 @@ def mask_rcnn_c4_key_report(pkl_path: Path, weights: BackboneWeights, opts: Sequ
         model = build_model(cfg)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
-        result = _load_with_checkpointer(model, pkl_path)
+        result, converted = _load_with_checkpointer(model, pkl_path)
     model_keys = list(model.state_dict())
     missing = list(result.missing_keys) + [k for k, *_ in result.incorrect_shapes]
-    converted = list(to_detectron2(weights))
     missing_set = set(missing)
     taken = [m for m in model_keys if m not in missing_set and any(m == c or m.endswith("." + c) for c in converted)]
     report = KeyReport(config=source, loaded=len(taken))
