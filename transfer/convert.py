@@ -462,9 +462,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: s
 
     weights = read_backbone_weights(input_path, encoder=encoder)
     log(f"input: {input_path}")
-    log(f"  detected kind: {weights.kind} ({_KIND_TEXT[weights.kind]}), encoder: {encoder}, "
-        f"backbone prefix {weights.prefix!r}" if weights.prefix else
-        f"  detected kind: {weights.kind} ({_KIND_TEXT[weights.kind]}), encoder: {encoder}")
+    where = f", backbone keys under {weights.prefix!r}" if weights.prefix else ""
+    log(f"  detected kind: {weights.kind} ({_KIND_TEXT[weights.kind]}), encoder: {encoder}{where}")
     log(f"  architecture: {weights.arch}{' with the small (CIFAR) stem' if weights.small_stem else ''}, "
         f"{expected_weight_count(weights)} weight tensors (conv + BN weight/bias/running stats)")
     if weights.filled:
@@ -478,7 +477,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: s
             ckpt = detectron2_checkpoint(weights)
             _write_pickle(ckpt, tmp)
             converted = len(ckpt["model"])
-            _log_renames(weights, ckpt["model"], log, verbose)
+            _log_renames(weights, log, verbose)
             log(f"verified: {verify_detectron2_file(tmp, ckpt)}")
             report = None
             if check:
@@ -523,16 +522,18 @@ _KIND_TEXT = {
 }
 
 
+def _skip_group(key: str) -> str:
+    """'projector', 'module.encoder_k', 'ema_model.backbone', ...: how skipped keys are summarised."""
+    parts = key.split(".")
+    depth = 2 if parts[0] in ("module", "model", "ema_model") else 1
+    return ".".join(parts[:depth]) if len(parts) > depth else key
+
+
 def _log_skipped(weights: BackboneWeights, log, verbose: bool) -> None:
     if not weights.skipped:
         log("  skipped input keys: none")
         return
-    def group(key: str) -> str:  # "projector", "module.encoder_k", "ema_model.backbone", ...
-        parts = key.split(".")
-        depth = 2 if parts[0] in ("module", "model", "ema_model") else 1
-        return ".".join(parts[:depth]) if len(parts) > depth else key
-
-    groups = Counter(group(k) for k in weights.skipped)
+    groups = Counter(_skip_group(k) for k in weights.skipped)
     log(f"  skipped input keys (not part of the {weights.encoder} backbone): {len(weights.skipped)}: "
         + ", ".join(f"{g}* x{n}" if n > 1 else g for g, n in groups.items()))
     if verbose:
@@ -540,7 +541,7 @@ def _log_skipped(weights: BackboneWeights, log, verbose: bool) -> None:
             log(f"    skipped {k}")
 
 
-def _log_renames(weights: BackboneWeights, model: dict, log, verbose: bool) -> None:
+def _log_renames(weights: BackboneWeights, log, verbose: bool) -> None:
     log("  renamed: conv1 -> stem.conv1, bn1 -> stem.conv1.norm, layerN -> res(N+1), bnK -> convK.norm, "
         "downsample.0/.1 -> shortcut/shortcut.norm (num_batches_tracked counters dropped)")
     if verbose:
