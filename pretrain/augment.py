@@ -8,17 +8,21 @@ random resized crop (bicubic) -> colour jitter (prob ``jitter_prob``, random ord
 contrast / saturation / hue) -> grayscale (``grayscale_prob``) -> Gaussian blur (sigma ~ U(blur_sigma),
 per-view ``blur_prob``) -> solarize (threshold 128, per-view ``solarize_prob``) -> horizontal flip.
 
-How it is fast without changing what is sampled (measured in ``benchmarks/``):
+How it is fast without changing what is sampled (measured by ``python -m benchmarks --only pipeline``):
 - the random parameters come from torchvision's own samplers (``RandomResizedCrop.get_params``,
-  ``ColorJitter.get_params``, ``torch.rand`` draws with torchvision's comparison), drawn for all views
-  *before* decoding, so the image is decoded once and, when every crop will be downscaled by >= 2x,
-  at reduced scale (PIL JPEG draft mode: DCT-domain downscaling);
-- crop + resize is one PIL call (``resize(box=...)``, antialiased bicubic like torchvision v1);
-- colour ops run on uint8 arrays with OpenCV (look-up tables, ``cvtColor`` HSV, ``GaussianBlur``)
-  instead of PIL's HSV round trip (3 ms per 224-px view), the costliest step of the reference;
-- uint8 -> normalised float in one fused step.
-``tests/test_augment.py`` checks the outputs against torchvision's PIL ops with the same parameters and
-the sampled statistics against the spec.
+  ``ColorJitter.get_params``, ``torch.rand`` draws compared like torchvision's RandomApply/Random*),
+  drawn for all views *before* decoding, so the image is decoded once and, when every crop will be
+  downscaled by >= 2x, at reduced scale (PIL JPEG draft mode: DCT-domain downscaling);
+- crop + resize: torchvision v2 ``resize`` (antialiased bicubic) of the crop as a channels-last uint8
+  tensor, which reproduces PIL's resampling (mean difference < 0.01 grey levels) at 2-4x its speed;
+- colour ops on uint8 arrays with OpenCV (look-up tables for brightness / contrast / solarize,
+  ``cvtColor`` for grayscale and the HSV hue rotation, ``addWeighted``, ``GaussianBlur``) instead of
+  PIL's HSV round trip, the costliest step of the reference (3 ms per 224-px view);
+- uint8 -> normalised float32 plane by plane (contiguous) in one pass.
+``tests/test_augment.py`` checks each op against torchvision's PIL op with the same parameters, the
+output statistics against the reference pipeline, and the sampled parameters against the spec.
+Run it in DataLoader workers (one thread each, as torch sets them): in a process with several torch
+threads, small resizes pay thread wake-ups, which is slow on a loaded machine.
 
 Config keys (``AugConfig`` / ``ViewSpec``, defaults = the paper's 2-view ImageNet setting); a ``preset``
 key (one of ``PRESETS``) starts from a named setting and the other keys override it.
@@ -27,6 +31,7 @@ key (one of ``PRESETS``) starts from a named setting and the other keys override
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
@@ -284,9 +289,14 @@ class ViewTransform:
         """
         hwc = img if isinstance(img, np.ndarray) else np.array(img)
         top, left, h, w = _scale_box(p.box, scale, hwc.shape[0], hwc.shape[1])
-        chw = torch.from_numpy(hwc).permute(2, 0, 1)  # a view: no copy
-        crop = TF2.resized_crop(chw, top, left, h, w, [size, size], interpolation=self._interp, antialias=True)
-        x = np.ascontiguousarray(crop.permute(1, 2, 0).numpy())  # H x W x 3 uint8 for OpenCV
+        # Copy the crop out first: a contiguous H x W x 3 block is a channels-last tensor, which torch
+        # resizes ~2x faster than a strided view and returns channels-last, i.e. already H x W x 3 for
+        # OpenCV (no strided copy afterwards).
+        crop = torch.from_numpy(np.ascontiguousarray(hwc[top:top + h, left:left + w])).permute(2, 0, 1)
+        out = TF2.resize(crop, [size, size], interpolation=self._interp, antialias=True)
+        x = out.permute(1, 2, 0).numpy()
+        if not x.flags.c_contiguous:  # (1 x 1 crops and other degenerate shapes)
+            x = np.ascontiguousarray(x)
         if p.jitter is not None:
             order, b, c, s, hue = p.jitter
             for fn in order:
@@ -323,12 +333,25 @@ class ViewTransform:
         return out.sub_(self._mean255).mul_(self._inv_std255)
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+        _single_threaded_opencv()
         width, height = img.size
         params = self.sample_params(width, height)
         img = self.decode(img, params)
         scale = (img.width / width, img.height / height)
         hwc = np.array(img)  # writable H x W x 3 uint8 (torch refuses to wrap read-only memory)
         return [self.apply(hwc, p, size, scale) for p, size in zip(params, self.sizes)]
+
+
+_OPENCV_PID: int | None = None
+
+
+def _single_threaded_opencv() -> None:
+    """Once per process: OpenCV's own thread pool off. The pipeline's parallelism is the DataLoader
+    workers; a pool per worker only oversubscribes the cores (torch does the same for itself in workers)."""
+    global _OPENCV_PID
+    if _OPENCV_PID != os.getpid():
+        cv2.setNumThreads(1)
+        _OPENCV_PID = os.getpid()
 
 
 def _scale_box(box: tuple[int, int, int, int], scale: tuple[float, float], height: int, width: int):
