@@ -11,6 +11,8 @@ Peak RSS is measured per variant after resetting the kernel's high-water mark.
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from benchmarks.common import Row, interleaved, peak_rss_mb, reset_peak_rss
@@ -77,4 +79,14 @@ def run(quick: bool = False, warmup: int = 1, repeats: int = 5, arch: str = "res
     for name, ts in ltimes.items():
         rows.append(Row(NAME, lcase, name, "ms (fwd+bwd)", [1000 * t for t in ts],
                         baseline=None if name == "trivial loss" else "trivial loss"))
+    # INTL's overhead in % of the step. Two estimates: the difference of the full steps (exact but within
+    # the noise of a shared machine when the objective is tiny), and the difference of the objectives alone
+    # over the trivial step (robust to that noise).
+    step_base = statistics.median(times[base])
+    step_intl = statistics.median(times["INTL loss (IterNorm + trace)"])
+    obj = statistics.median(ltimes["INTL loss"]) - statistics.median(ltimes["trivial loss"])
+    rows[1].extra.update(overhead_pct_steps=round(100 * (step_intl - step_base) / step_base, 2),
+                         overhead_pct_objective=round(100 * obj / step_base, 2))
+    log(f"[step] INTL overhead: {rows[1].extra['overhead_pct_objective']}% of the step (objectives alone), "
+        f"{rows[1].extra['overhead_pct_steps']}% (full steps, +- noise)")
     return rows
