@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     try:
+        _import_stage_module(args.stage)
         status = _submit(args, list(sys.argv[1:] if argv is None else argv))
         gc.collect()  # submitit's job objects clean up now, not during interpreter shutdown
         return status
@@ -83,6 +84,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nsubmit: interrupted. Slurm jobs keep running (scancel <id> stops them); a local job was "
               "interrupted with this terminal: submit the same command again to resume it.", file=sys.stderr)
         return 130
+
+
+def _import_stage_module(stage: str) -> None:
+    """Imports the stage module (for its preflight check) from a shallow frame: a library imported with it
+    can keep the importing frames alive, and frames deep inside _submit would keep submitit's job objects
+    alive until interpreter shutdown, where their __del__ fails noisily. Errors are reported by _submit."""
+    import importlib
+
+    try:
+        importlib.import_module(get_stage(stage).module)
+    except Exception:  # noqa: BLE001 - _submit reports unknown/missing stages with their proper message
+        pass
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -207,7 +220,10 @@ def _preflight(spec: StageSpec, *args, **kwargs) -> None:
         else:
             from omegaconf import OmegaConf
 
-            check(OmegaConf.create(args[0]), **kwargs)
+            import inspect
+
+            accepted = inspect.signature(check).parameters
+            check(OmegaConf.create(args[0]), **{k: v for k, v in kwargs.items() if k in accepted})
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         raise SubmitError(f"the {spec.name} stage rejects this setup: {e}") from None
 
@@ -266,7 +282,7 @@ def _submit(args, argv: list[str]) -> int:
         print(f"submit:   logs {job.paths.stdout} (rank 0; {folder}/{job.job_id}_<rank>_log.out|err for all)")
     if not args.wait:
         cancel = "scancel " + " ".join(j.job_id for j in jobs) if res.cluster == SLURM else \
-            "kill " + " ".join(j.job_id for j in jobs)
+            "kill -INT " + " ".join(j.job_id for j in jobs)
         print(f"submit: follow with `tail -f {jobs[0].paths.stdout}`; stop with `{cancel}`; submitting the same "
               "command again resumes the run")
         if spec.kind == DETECTION:

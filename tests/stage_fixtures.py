@@ -36,6 +36,14 @@ ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "C
             "SLURM_RESTART_COUNT", "SUBMITIT_EXECUTOR")
 
 
+def tiny_pretrain_overrides(data_root: Path, steps: int, ckpt_every: int) -> list[str]:
+    """The real pretraining stage's synthetic preset cut down to a few steps of a ResNet-18 with a small
+    projector (keys of configs/pretrain.yaml and configs/pretrain/preset/synthetic.yaml)."""
+    return ["pretrain/preset=synthetic", f"data.root={data_root}", "data.workers=0", "optim.batch_size=16",
+            "model.projector=[64,64]", f"train.max_steps={steps}", f"train.ckpt_every_steps={ckpt_every}",
+            "train.log_every=1", "train.spectrum_every=0"]
+
+
 def write_counter_config(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "counter.yaml").write_text(COUNTER_YAML)

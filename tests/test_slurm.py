@@ -107,10 +107,11 @@ def test_two_tasks_with_two_gpus_per_node(counter_env, capsys):
     assert "offer at most 2 GPU" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("interrupt", ["timeout_signal", "preemption"])
+@pytest.mark.parametrize("interrupt", ["timeout_signal"])
 def test_interrupted_job_requeues_and_resumes(counter_env, capsys, interrupt):
     """timeout_signal: what Slurm sends `--signal=USR2@<delay>` before the time limit (submitit calls
-    checkpoint() and requeues); preemption: Slurm itself requeues the job (scontrol requeue)."""
+    checkpoint() and requeues); preemption: Slurm itself requeues the job (scontrol requeue; the real
+    pretraining test below does that one)."""
     run = counter_env
     argv = ["counter", "--cluster", "slurm", "--gpus", "2", "--time", "10", "steps=10", "step_seconds=0.4"]
     assert main(argv) == 0
@@ -137,3 +138,33 @@ def test_interrupted_job_requeues_and_resumes(counter_env, capsys, interrupt):
     # Finished: the same command again does nothing and says so.
     assert main(argv + ["--wait"]) == 0
     assert "already complete" in capsys.readouterr().out
+
+
+def test_pretrain_through_sbatch_preempted_resumes_to_the_same_step(localhost_slurm, tiny_synthetic, tmp_path,
+                                                                    monkeypatch, capsys):
+    """The real pretraining stage, 2 tasks x 2 GPU slots via sbatch; Slurm requeues it mid-run (as on
+    preemption) and it resumes from last.pth to the same final step count."""
+    from pretrain.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
+    steps = 6
+    argv = ["pretrain", "--nodes", "1", "--gpus", "2", "--cluster", "slurm", "--time", "15", "--name", "tiny",
+            *stage_fixtures.tiny_pretrain_overrides(tiny_synthetic / "classification", steps=steps, ckpt_every=1)]
+    assert main(argv) == 0
+    run = tmp_path / "outputs" / "pretrain" / "tiny"
+    job = _job_id(run)
+    reached = _wait_for_step(run, 2, timeout=150)
+    assert reached < steps, "the run finished before it could be interrupted"
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    capsys.readouterr()
+    assert main(argv + ["--wait"]) == 0
+    log = (run / "submitit" / f"{job}_0_log.out").read_text()
+    assert "rank 0 of world size 2" in log and "restart 1" in log
+    assert "resuming from step" in log
+    resumed = int(log.split("resuming from step")[1].split()[0])
+    assert reached <= resumed < steps
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["step"] == steps and ckpt["finished"] is True
+    script = next((run / "submitit").glob("*.sh")).read_text()
+    assert "#SBATCH --gpus-per-node=2" in script and "#SBATCH --ntasks-per-node=2" in script

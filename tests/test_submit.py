@@ -239,3 +239,20 @@ def test_local_failure_exits_non_zero(counter_env, capsys):
     assert main(["counter", "--cluster", "local", "--gpus", "1", "--wait", "fail=true"]) == 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.err and "asked to fail" in captured.err
+
+
+# ------------------------------------------------------------------------------ the real pretraining
+@pytest.mark.slow
+def test_pretrain_two_local_processes_leave_a_checkpoint(tiny_synthetic, tmp_path, monkeypatch, capsys):
+    from pretrain.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
+    argv = ["pretrain", "--nodes", "1", "--gpus", "2", "--cluster", "local", "--wait", "--name", "tiny",
+            *stage_fixtures.tiny_pretrain_overrides(tiny_synthetic / "classification", steps=3, ckpt_every=2)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "rank 0 of world size 2" in out and "world size 2" in out
+    ckpt = load_checkpoint(tmp_path / "outputs" / "pretrain" / "tiny" / "last.pth")
+    assert ckpt["step"] == 3 and ckpt["finished"] is True
+    assert (tmp_path / "outputs" / "pretrain" / "tiny" / "COMPLETE").exists()
