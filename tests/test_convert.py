@@ -77,6 +77,20 @@ def test_names_match_detectron2_resnet_exactly():
         detectron2_name("layer2.0.se.fc1.weight")
 
 
+def test_printed_settings_agree_with_the_transfer_stage_config():
+    """What intl-convert tells users to set is what configs/detection already sets (RGB, mean/std, stride)."""
+    from transfer.convert import transfer_detection_config
+
+    cfg, _ = transfer_detection_config("resnet50")
+    ours = cfg.clone()
+    ours.merge_from_list(detectron2_settings("resnet50"))
+    for key in detectron2_settings("resnet50")[0::2]:
+        node_a, node_b = cfg, ours
+        for part in key.split("."):
+            node_a, node_b = node_a[part], node_b[part]
+        assert node_a == node_b, key
+
+
 # ---- ResNet-50 pretraining checkpoint -> detectron2 with --check ------------------------------------------
 
 

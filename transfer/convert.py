@@ -55,7 +55,6 @@ PIXEL_MEAN = [round(255 * m, 3) for m in TORCHVISION_MEAN]  # [123.675, 116.28, 
 PIXEL_STD = [round(255 * s, 3) for s in TORCHVISION_STD]  # [58.395, 57.12, 57.375]
 DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 DEFAULT_TOLERANCE = 1e-5  # max |d2 - torchvision| / max |torchvision output|; a correct conversion gives ~1e-6
-C4_ZOO_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml"
 TRANSFER_C4_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detection" / "coco_R_50_C4_1x.yaml"
 _STAGES = (("res2", "layer1"), ("res3", "layer2"), ("res4", "layer3"), ("res5", "layer4"))
 
@@ -195,9 +194,8 @@ class StageDiff:
 class KeyReport:
     config: str  # where the Mask R-CNN config came from
     expected_new: dict[str, list[str]] = field(default_factory=dict)  # category -> keys
-    counters: list[str] = field(default_factory=list)  # BN num_batches_tracked buffers (not weights)
     backbone_missing: list[str] = field(default_factory=list)  # errors
-    unexplained: list[str] = field(default_factory=list)  # errors
+    unexplained: list[str] = field(default_factory=list)  # new non-backbone keys of no known head (errors)
     unused: list[str] = field(default_factory=list)  # converted keys the model did not take (errors)
     loaded: int = 0
     skipped_reason: str = ""
@@ -213,12 +211,10 @@ class KeyReport:
                "keys left uninitialised:"]
         for cat, keys in self.expected_new.items():
             out.append(f"  expected new   {cat}: {len(keys)} keys ({_prefixes(keys)})")
-        if self.counters:
-            out.append(f"  expected new   BN step counters (num_batches_tracked, not weights): {len(self.counters)}")
         if self.backbone_missing:
             out.append(f"  ERROR backbone keys missing: {len(self.backbone_missing)}: {_short(self.backbone_missing)}")
         if self.unexplained:
-            out.append(f"  ERROR unexplained missing keys: {_short(self.unexplained)}")
+            out.append(f"  ERROR new keys outside the known heads: {_short(self.unexplained)}")
         if self.unused:
             out.append(f"  ERROR converted keys the model did not take: {_short(self.unused)}")
         out.append("  RPN, box/mask predictors and the extra res5 norm are expected to be new (they are not part of "
@@ -266,17 +262,26 @@ def _quiet_loggers(names=("fvcore", "detectron2")):
             lg.setLevel(lv)
 
 
-def _d2_base_config(arch: str, opts: Sequence[str] = (), forced: Sequence[str] = ()):
-    from detectron2 import model_zoo
-    from detectron2.config import get_cfg
+def transfer_detection_config(arch: str, opts: Sequence[str] = (), forced: Sequence[str] = ()):
+    """The detection transfer stage's C4 config (configs/detection/coco_R_50_C4_1x.yaml, extra-norm ROI head),
+    with the depth of ``arch``, the user's ``opts`` and then ``forced`` on top.
 
-    cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file(C4_ZOO_CONFIG))
-    cfg.merge_from_list(detectron2_settings(arch) + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    Its pixel mean/std, input format and STRIDE_IN_1X1 are the stage's own, so --check verifies that the
+    configs the transfer stage really runs fit the weights. Returns (cfg, description).
+    """
+    from transfer.detection.config import load_config  # also registers Res5ROIHeadsExtraNorm
+
+    needed = ["MODEL.RESNETS.DEPTH", str(DEPTHS[arch])]
+    if DEPTHS[arch] < 50:
+        needed += ["MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
     with _bad_opts_message(opts):
-        cfg.merge_from_list(list(opts))
-    cfg.merge_from_list(list(forced))
-    return cfg
+        cfg = load_config(TRANSFER_C4_CONFIG, needed + list(opts))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(forced))
+    if cfg.MODEL.RESNETS.NORM in ("SyncBN", "naiveSyncBN", "nnSyncBN"):
+        cfg.MODEL.RESNETS.NORM = "BN"  # same keys and eval maths; SyncBN needs a process group to run
+    where = TRANSFER_C4_CONFIG.relative_to(TRANSFER_C4_CONFIG.parents[2])
+    extra = f" + {list(opts)}" if opts else ""
+    return cfg, f"{where}{extra}, ROI head {cfg.MODEL.ROI_HEADS.NAME}"
 
 
 @contextmanager
@@ -313,8 +318,9 @@ def compare_backbone(pkl_path: Path, weights: BackboneWeights, opts: Sequence[st
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone import build_resnet_backbone
 
-    cfg = _d2_base_config(weights.arch, opts, forced=["MODEL.RESNETS.OUT_FEATURES", str([s for s, _ in _STAGES]),
-                                                      "MODEL.BACKBONE.FREEZE_AT", "0"])
+    cfg, _ = transfer_detection_config(weights.arch, opts, forced=[
+        "MODEL.RESNETS.OUT_FEATURES", str([s for s, _ in _STAGES]), "MODEL.BACKBONE.FREEZE_AT", "0",
+        "MODEL.RESNETS.NORM", "FrozenBN"])  # FrozenBN = BN in eval mode
     d2 = build_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
     result, _ = _load_with_checkpointer(d2, pkl_path)
     if result.missing_keys or result.unexpected_keys or result.incorrect_shapes:
@@ -355,54 +361,40 @@ def mask_rcnn_c4_key_report(pkl_path: Path, weights: BackboneWeights, opts: Sequ
                                                    f"{weights.arch} weights need an FPN config")
     from detectron2.modeling import build_model
 
+    from transfer.detection.weights import classify_incompatible
+
     # Only key names and shapes matter here: build on the meta device (no memory, no weight init).
-    cfg, source = _transfer_c4_config(weights.arch, opts, forced=["MODEL.DEVICE", "meta"])
+    cfg, source = transfer_detection_config(weights.arch, opts, forced=["MODEL.DEVICE", "meta"])
     with _quiet_loggers(), torch.device("meta"):
         model = build_model(cfg)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
-        result, converted = _load_with_checkpointer(model, pkl_path)
+        result, file_keys = _load_with_checkpointer(model, pkl_path)
     model_keys = list(model.state_dict())
-    missing = list(result.missing_keys) + [k for k, *_ in result.incorrect_shapes]
-    missing_set = set(missing)
-    taken = [m for m in model_keys if m not in missing_set and any(m == c or m.endswith("." + c) for c in converted)]
-    report = KeyReport(config=source, loaded=len(taken))
-    categories = (("RPN head", r"proposal_generator\."),
-                  ("box predictor", r"roi_heads\.box_predictor\."),
-                  ("mask head (predictor + deconv)", r"roi_heads\.mask_head\."),
-                  ("extra res5 norm", r"roi_heads\.res5\.[^0-9]"))
-    for key in missing:
-        if key.endswith("num_batches_tracked"):
-            report.counters.append(key)
-        elif re.match(r"(backbone\.|roi_heads\.res5\.\d)", key):
-            report.backbone_missing.append(key)
-        else:
-            for name, pattern in categories:
-                if re.match(pattern, key):
-                    report.expected_new.setdefault(name, []).append(key)
-                    break
-            else:
-                report.unexplained.append(key)
-    # detectron2's matching heuristics silently drop checkpoint keys that match nothing: find them ourselves.
-    report.unused = [c for c in converted if not any(m == c or m.endswith("." + c) for m in model_keys)]
+    # The transfer stage's own rule for what is backbone and what may start new (one place for it).
+    split = classify_incompatible(model_keys, result.missing_keys, result.unexpected_keys, result.incorrect_shapes)
+    report = KeyReport(config=source)
+    report.backbone_missing = split.missing_backbone + [k for k, *_ in split.wrong_shape_backbone]
+    for key in split.expected_new + [k for k, *_ in split.wrong_shape_other]:
+        name = next((n for n, pattern in _EXPECTED_NEW if re.match(pattern, key)), None)
+        (report.expected_new.setdefault(name, []) if name else report.unexplained).append(key)
+    # File keys that match no model key (by detectron2's suffix rule), whether or not the checkpointer lists
+    # them as unexpected; and the number of model tensors that really came from the file.
+    def matches(model_key: str, file_key: str) -> bool:
+        return model_key == file_key or model_key.endswith("." + file_key)
+
+    missing = set(result.missing_keys) | {k for k, *_ in result.incorrect_shapes}
+    unmatched = [f for f in file_keys if not any(matches(m, f) for m in model_keys)]
+    report.unused = unmatched + [k for k in split.unused if k not in unmatched]
+    report.loaded = sum(1 for m in model_keys if m not in missing and any(matches(m, f) for f in file_keys))
     return report
 
 
-def _transfer_c4_config(arch: str, opts: Sequence[str], forced: Sequence[str] = ()):
-    """The transfer stage's C4 config (configs/detection, with the extra-norm head) when available, else the zoo's."""
-    settings = detectron2_settings(arch) + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(opts)
-    try:
-        from transfer.detection.config import load_config  # registers Res5ROIHeadsExtraNorm too
-    except ImportError:
-        load_config = None
-    if load_config is not None and TRANSFER_C4_CONFIG.is_file():
-        with _bad_opts_message(opts):
-            cfg = load_config(TRANSFER_C4_CONFIG, settings)
-        cfg.merge_from_list(list(forced))
-        if cfg.MODEL.RESNETS.NORM in ("SyncBN", "naiveSyncBN", "nnSyncBN"):
-            cfg.MODEL.RESNETS.NORM = "BN"  # same keys; SyncBN layers need a process group only to run
-        return cfg, f"{TRANSFER_C4_CONFIG.relative_to(TRANSFER_C4_CONFIG.parents[2])}, ROI head {cfg.MODEL.ROI_HEADS.NAME}"
-    return _d2_base_config(arch, opts, forced), f"detectron2 model zoo {C4_ZOO_CONFIG} (transfer.detection not available)"
+# What the C4 Mask R-CNN is expected to learn from scratch on top of a pretrained backbone.
+_EXPECTED_NEW = (("RPN head", r"proposal_generator\."),
+                 ("box predictor", r"roi_heads\.box_predictor\."),
+                 ("mask head (predictor + deconv)", r"roi_heads\.mask_head\."),
+                 ("extra res5 norm", r"roi_heads\.res5\.[^0-9]"))
 
 
 def check_detectron2(pkl_path: Path, weights: BackboneWeights, opts: Sequence[str] = (),
@@ -481,7 +473,9 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: s
             log(f"verified: {verify_detectron2_file(tmp, ckpt)}")
             report = None
             if check:
-                log("check: detectron2 ResNet vs torchvision on a random RGB batch (eval mode, float32) ...")
+                log(f"check: detectron2 ResNet with the transfer stage's settings ({TRANSFER_C4_CONFIG.name}"
+                    f"{' + ' + ' '.join(check_opts) if check_opts else ''}) vs torchvision on a random RGB batch "
+                    "(eval mode, float32) ...")
                 report = check_detectron2(tmp, weights, check_opts, tolerance)
                 _log_check(report, log)
                 if not report.ok:
