@@ -143,7 +143,8 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
         section = key.split(".")[0] if "." in key else ""
         valid = (f"; valid keys of {section}: {sorted(schema[section].keys())}" if section in schema
                  and OmegaConf.is_config(schema[section]) else f"; valid top-level keys: {sorted(schema.keys())}")
-        raise EvalConfigError(f"bad {stage} config at {key or '<root>'!r}: {getattr(e, 'msg', e)}{valid}") from None
+        first_line = (str(getattr(e, "msg", e)).strip().splitlines() or [""])[0]
+        raise EvalConfigError(f"bad {stage} config at {key or '<root>'!r}: {first_line}{valid}") from None
     m, d, o, t = merged.model, merged.data, merged.optim, merged.train
     _check(merged.encoder in ENCODERS, f"encoder={merged.encoder!r}; choose one of {list(ENCODERS)}")
     _check(m.arch is None or m.arch in FEATURE_DIMS, f"model.arch={m.arch!r} is unknown; choose one of {sorted(FEATURE_DIMS)}")
