@@ -86,7 +86,14 @@ class Objective(nn.Module):
                     "null (the paper's 0.01*(log2(N)-3)) or a number >= 0")
 
     def _beta(self, value: float | None, axis: str, dim: int) -> float:
-        return float(value) if value is not None else losses.intl_beta(self.global_batch, dim, axis)
+        if value is not None:
+            return float(value)
+        beta = losses.intl_beta(self.global_batch, dim, axis)
+        if beta < 0:
+            what = f"global batch {self.global_batch}" if axis == "channel" else f"embedding dim {dim}"
+            raise ValueError(f"method={self.name}: the paper's rule beta = 0.01*(log2(N)-3) is negative for "
+                             f"{what} < 8; set method.beta to a number >= 0")
+        return beta
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, online: Sequence[torch.Tensor], target: torch.Tensor | None = None) -> dict:
