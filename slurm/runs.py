@@ -34,6 +34,7 @@ COMPLETE = "complete"
 class RunState:
     run_dir: Path
     state: str  # NEW, RESUME or COMPLETE
+    why_complete: str = ""
 
     def describe(self) -> str:
         if self.state == NEW:
@@ -41,7 +42,8 @@ class RunState:
         if self.state == RESUME:
             return (f"run folder {self.run_dir} exists: resuming that run from its last checkpoint "
                     "(pass --new to start a fresh run under another name)")
-        return (f"run {self.run_dir} is already complete ({self.run_dir / 'COMPLETE'} exists); nothing to do "
+        why = self.why_complete or f"{self.run_dir / 'COMPLETE'} exists"
+        return (f"run {self.run_dir} is already complete ({why}); nothing to do "
                 "(pass --new to start a fresh run under another name)")
 
 

@@ -6,7 +6,9 @@ repository's ``configs/`` folder, found relative to this package (see ``config_d
 
 Extra stages (tests, plugins) are registered without touching this file through the environment variable
 ``INTL_SUBMIT_EXTRA_STAGES``: ``name=module:function@/abs/config/dir`` entries separated by ``;``. The
-config dir must hold ``<name>.yaml`` with the usual top-level keys ``name``, ``run_dir``, ``seed``.
+config dir must hold ``<name>.yaml`` with the usual top-level keys ``name``, ``run_dir``, ``seed``;
+``@detectron2`` instead of a folder registers a detection-like stage (``function(config_file, opts,
+output_dir, resume=True)``, optional ``preflight(config_file, opts)`` in the same module).
 """
 
 from __future__ import annotations
@@ -96,9 +98,13 @@ def _extra_stages() -> dict[str, StageSpec]:
         except ValueError:
             raise SubmitError(f"{EXTRA_STAGES_ENV} entry {entry!r} is malformed; "
                               "fix: use name=module:function@/abs/config/dir") from None
-        if not Path(cfg_dir).is_absolute():
+        if cfg_dir.strip() != "detectron2" and not Path(cfg_dir.strip()).is_absolute():
             raise SubmitError(f"{EXTRA_STAGES_ENV} entry {entry!r}: the config dir must be an absolute path")
-        stages[name.strip()] = StageSpec(name.strip(), module.strip(), function.strip(), config_dir=cfg_dir.strip())
+        name, module, function, cfg_dir = name.strip(), module.strip(), function.strip(), cfg_dir.strip()
+        if cfg_dir == "detectron2":  # a detection-like stage: run_task(config_file, opts, output_dir, resume)
+            stages[name] = StageSpec(name, module, function, kind=DETECTION, preflight="preflight")
+            continue
+        stages[name] = StageSpec(name, module, function, config_dir=cfg_dir)
     return stages
 
 

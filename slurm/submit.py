@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import os
 import shlex
 import socket
@@ -28,7 +29,7 @@ from .errors import SubmitError
 from .executor import (CLUSTERS, DEFAULT_TIME_MIN, LOCAL, SLURM, Resources, check_against_partition,
                        check_slurm_reachable, local_parameters, make_executor, partition_info, render_sbatch,
                        resolve_cluster, validate)
-from .runs import (COMPLETE, NEW, SUBMITIT_DIR, RunState, active_jobs, check_writable, next_free_dir,
+from .runs import (COMPLETE, NEW, RESUME, SUBMITIT_DIR, RunState, active_jobs, check_writable, next_free_dir,
                    record_submission, run_state)
 from .stages import DETECTION, StageSpec, compose_config, get_stage
 
@@ -161,14 +162,18 @@ def _plan_detection(spec: StageSpec, args) -> Plan:
     if args.seeds < 1:
         raise SubmitError(f"--seeds must be at least 1, got {args.seeds}")
     opts = list(args.overrides)
+    glued = [o for o in opts if re.match(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*=", o)]
+    if glued:
+        raise SubmitError(f"detection overrides are KEY VALUE pairs (no '='), got {glued}; "
+                          "fix: write SOLVER.BASE_LR 0.02, not SOLVER.BASE_LR=0.02")
     if len(opts) % 2:
         raise SubmitError(f"detection overrides are detectron2 KEY VALUE pairs, got an odd number: {opts}; "
                           "fix: e.g. SOLVER.MAX_ITER 1000 (values starting with '-' go after '--')")
     keys = opts[0::2]
-    bad = [k for k in keys if "=" in k or not k.replace(".", "").replace("_", "").isalnum()]
+    bad = [k for k in keys if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", k)]
     if bad:
-        raise SubmitError(f"detection overrides are KEY VALUE pairs (no '='), got keys {bad}; "
-                          "fix: write SOLVER.BASE_LR 0.02, not SOLVER.BASE_LR=0.02")
+        raise SubmitError(f"{bad} are not detectron2 config keys (KEY VALUE pairs, e.g. SOLVER.MAX_ITER 1000); "
+                          "fix: check the order of the overrides")
     for reserved, how in (("OUTPUT_DIR", "--name"), ("SEED", "--seeds")):
         if reserved in keys:
             raise SubmitError(f"{reserved} is set by the launcher (outputs/detection/<name>/seed<k>); "
@@ -178,14 +183,15 @@ def _plan_detection(spec: StageSpec, args) -> Plan:
     run_dir = _absolute(str(Path("outputs") / "detection" / name))
     if args.new and run_state(run_dir).state != NEW:
         run_dir = next_free_dir(run_dir)
-    seeds = [k for k in range(args.seeds) if not is_complete(run_dir / f"seed{k}")]
+    from transfer.detection.aggregate import seed_runs  # the one mapping seed k -> (seed<k>/, SEED k)
+
+    runs = [(out, extra) for out, extra in seed_runs(run_dir, args.seeds) if not is_complete(out)]
     state = run_state(run_dir)
-    if not seeds:
-        state = RunState(run_dir, COMPLETE)
+    if not runs:
+        state = RunState(run_dir, COMPLETE, why_complete=f"all {args.seeds} seed folders are COMPLETE")
     elif state.state == COMPLETE:  # a top-level COMPLETE but more seeds asked for
-        state = RunState(run_dir, "resume")
-    jobs = [DetectionJob(spec, str(config_file), opts + ["SEED", str(k)], str(run_dir / f"seed{k}"))
-            for k in seeds]
+        state = RunState(run_dir, RESUME)
+    jobs = [DetectionJob(spec, str(config_file), opts + list(extra), str(out)) for out, extra in runs]
     lines = [f"python -m transfer.detection.train_net --config-file {shlex.quote(str(config_file))} --resume "
              + " ".join(shlex.quote(o) for o in j.opts + ["OUTPUT_DIR", j.output_dir]) for j in jobs]
     return Plan(spec, state, jobs, "\n".join(lines) + "\n", [j.output_dir for j in jobs])

@@ -95,3 +95,27 @@ def run(cfg) -> dict | None:
     write_json(run_dir / "results.json", results)
     mark_complete(run_dir, results)
     return results
+
+
+# ------------------------------------------------------------------ a detection-like stage (seeds flow)
+def preflight(config_file, opts) -> None:
+    """Up-front check of the detection-like stage: the config file must name a YAML mapping."""
+    import yaml
+
+    if not isinstance(yaml.safe_load(Path(config_file).read_text()), dict):
+        raise ValueError(f"{config_file} is not a YAML mapping; fix: pass a detectron2 config file")
+
+
+def run_seed(config_file, opts=(), output_dir=None, resume: bool = True) -> dict | None:
+    """Stands in for transfer.detection.train_net.run_task: results.json with metrics that depend on SEED."""
+    info = init_distributed()
+    opts = list(opts)
+    seed = int(opts[opts.index("SEED") + 1])
+    out = Path(output_dir)
+    results = {task: {"AP": 10.0 + seed, "AP50": 20.0 + seed, "AP75": 5.0 + seed} for task in ("bbox", "segm")}
+    if info.is_main:
+        write_json(out / "results.json", results)
+        write_json(out / "opts.json", {"opts": opts, "world_size": info.world_size})
+        mark_complete(out, results)
+    barrier()
+    return results if info.is_main else None
