@@ -15,7 +15,8 @@ kind               layout                                                      m
 
 A leading ``module.`` (DDP) is accepted everywhere. The result always holds exactly the tensors of the
 inferred torchvision ResNet (conv, BN weight/bias/running stats; ``num_batches_tracked`` filled with 0
-when the source lacks it) and never ``fc.*``; every other input key is listed in ``skipped``.
+when the source lacks it; floating tensors as float32) and never ``fc.*``; every other input key is listed
+in ``skipped``. A pretraining checkpoint's tensors must also agree with its own ``config.model``.
 Anything else (not a checkpoint, empty, unknown prefix, a missing layer, wrong shapes, NaN/Inf) raises
 :class:`pretrain.checkpoint.CheckpointError` with a message naming the problem and the fix.
 """
@@ -253,7 +254,8 @@ def _extract(state: Mapping[str, Any], prefix: str, kind: str, source: str) -> B
             raise CheckpointError(f"{source}: two input keys map to the backbone key {name!r} "
                                   f"({full_prefix_of[name]!r} and {raw_key!r}); fix: keep one copy of the backbone")
         full_prefix_of[name] = raw_key
-        picked[name] = value.detach().cpu()
+        value = value.detach().cpu()
+        picked[name] = value.float() if value.is_floating_point() else value  # fp16/bf16 copies -> float32
     if not picked:
         raise CheckpointError(f"{source} ({kind}) has no backbone tensors under {prefix!r}; key prefixes found: "
                               f"{_describe_prefixes(state)}; fix: pass a checkpoint with a ResNet backbone")

@@ -13,11 +13,14 @@ The output suffix picks the format when ``--to`` is absent (``.pkl`` detectron2,
 The output is written to a temporary file in the target folder, verified (and with ``--check`` compared
 numerically against the torchvision model), and only then renamed into place: a failed run leaves no file.
 
-``--check`` (detectron2): builds detectron2's ResNet backbone with the printed settings, loads the file
-through ``DetectionCheckpointer`` and compares res2-res5 with torchvision's layer1-layer4 on a random RGB
-batch (eval mode); then builds the transfer stage's Mask R-CNN C4 and reports which of its keys these
-weights leave uninitialised: RPN, box/mask predictors and the extra res5 norm are expected to be new,
-any backbone key is an error.
+``--check`` (detectron2): builds detectron2's ResNet backbone with the detection stage's own settings
+(``configs/detection/coco_R_50_C4_1x.yaml``: pixel mean/std, input format, STRIDE_IN_1X1; plus any
+``--check-opts``), loads the file through ``DetectionCheckpointer`` and compares res2-res5 with torchvision's
+layer1-layer4 on a random 0-255 RGB batch, each side normalised its own way (eval mode, float32); fails
+above ``--tolerance`` (max difference relative to the largest output). Then it builds that stage's Mask
+R-CNN C4 (extra-norm ROI head) and reports which of its keys these weights leave uninitialised, using the
+stage's own rule (``transfer.detection.weights``): RPN, box/mask predictors and the extra res5 norm are
+expected to be new, any backbone key is an error. Exit status: 0 written, 1 check failed, 2 unusable input.
 
 The renaming is written here rather than calling detectron2's ``tools/convert-torchvision-to-d2.py``
 because that script is not part of the installed package (and it converts every key without checking
