@@ -1,0 +1,123 @@
+"""How the engine feeds the pretraining: datasets of views, a resumable sampler, the DataLoader.
+
+Determinism (what makes a resumed run continue the same trajectory):
+- ``EpochShardSampler`` draws epoch ``e``'s order from ``(seed, e)`` alone, gives rank ``r`` every
+  ``world``-th index, and can start ``start_batch`` batches into the epoch (resume mid-epoch).
+  It yields ``(epoch, index)`` pairs so the dataset knows the epoch even inside persistent workers.
+- ``SeededViews`` seeds the random number generators from ``(seed, epoch, index)`` before it runs the
+  view transform: the augmentation of an image depends on nothing else (not on the worker, the number
+  of workers or processes, or where a run was resumed).
+
+Datasets: ``imagefolder`` (``pretrain.data.RobustImageFolder``: ImageNet layout, the embedded synthetic
+set; corrupt files skipped and counted) and ``cifar10`` / ``cifar100`` (torchvision's readers of the
+python-pickle release, never downloaded here).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+DATASET_KINDS = ("imagefolder", "cifar10", "cifar100")
+
+
+class DataConfigError(ValueError):
+    """A data setting that cannot work; the message names the key and the fix."""
+
+
+def derived_seed(*keys: int) -> int:
+    """A 32-bit seed that depends on every key (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint32)[0])
+
+
+class SeededViews(Dataset):
+    """``dataset[(epoch, i)] -> (views, label)`` with the transform's randomness seeded per sample."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        s = derived_seed(self.seed, epoch, index)
+        # Keep the caller's generator states intact (matters when loading in the main process).
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+class EpochShardSampler(Sampler):
+    """Per-epoch permutation from ``(seed, epoch)``, sharded over ranks, resumable inside an epoch.
+
+    Like ``DistributedSampler(drop_last=True)``: each rank gets ``len(dataset) // world`` indices
+    (rank r takes positions r, r + world, ...), so all ranks run the same number of steps.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.n, self.batch_size = int(num_samples), int(batch_size)
+        self.rank, self.world, self.seed = int(rank), int(world_size), int(seed)
+        self.per_rank = self.n // self.world
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def __len__(self) -> int:
+        return max(self.per_rank - self.start_batch * self.batch_size, 0)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        perm = torch.randperm(self.n, generator=g)[: self.per_rank * self.world]
+        mine = perm[self.rank::self.world].tolist()
+        for i in mine[self.start_batch * self.batch_size:]:
+            yield (self.epoch, i)
+
+
+def build_dataset(cfg_data, transform) -> Dataset:
+    """The training set of ``cfg_data`` with ``transform`` (images -> list of views)."""
+    kind = cfg_data.kind
+    root = Path(str(cfg_data.root)).expanduser()
+    if kind == "imagefolder":
+        from pretrain.data import RobustImageFolder
+
+        folder = root / cfg_data.split if cfg_data.split else root
+        return RobustImageFolder(folder, transform=transform)
+    if kind in ("cifar10", "cifar100"):
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            return cls(str(root), train=True, transform=transform, download=False)
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+            raise DataConfigError(
+                f"data.kind={kind}: no CIFAR data under {str(root)!r} ({e}); fix: put the python release "
+                f"({'cifar-10-batches-py' if kind == 'cifar10' else 'cifar-100-python'}/) there and set data.root, "
+                "nothing is downloaded") from None
+    raise DataConfigError(f"data.kind={kind!r} is unknown; choose one of {list(DATASET_KINDS)}")
+
+
+def build_loader(dataset: Dataset, sampler: EpochShardSampler, batch_size: int, workers: int,
+                 pin_memory: bool) -> DataLoader:
+    return DataLoader(SeededViews(dataset, sampler.seed), batch_size=batch_size, sampler=sampler,
+                      num_workers=workers, pin_memory=pin_memory, drop_last=True,
+                      persistent_workers=False)
+
+
+def num_skipped(dataset: Dataset) -> int:
+    """Unreadable images skipped so far (RobustImageFolder counts them across its workers)."""
+    return int(getattr(dataset, "num_skipped", 0))

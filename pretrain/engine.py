@@ -1,0 +1,436 @@
+"""The pretraining engine: one process of a (possibly distributed) INTL run.
+
+``PretrainEngine(cfg, dist_info).fit()`` builds the data, the network, the objective
+(``pretrain.methods.build_method``) and the optimiser, resumes from ``<run_dir>/last.pth`` if there is one,
+and trains to the end of the schedule:
+
+- DDP over the processes of the job (nccl on GPUs, gloo on CPU processes) with batch norm over the
+  global batch (torch's SyncBatchNorm on CUDA, ``pretrain.model.GlobalBatchNorm`` on CPU); the
+  objective all-gathers the projections so IterNorm whitens the global batch.
+- Mixed precision on GPU (bf16, or fp16 with a grad scaler); the objective computes whitening and losses
+  in float32. A non-finite loss is caught before any weight changes: the step, the loss parts and the
+  spectrum are reported, and the run stops (``train.on_nonfinite=stop``) or skips the batch (``skip``).
+- Checkpoints (DESIGN.md format, atomic) every ``train.ckpt_every_steps`` steps and at every epoch end;
+  the resumed run continues the same trajectory: the data order and every augmentation are functions of
+  ``(seed, epoch, index)`` (``pretrain.data_loading``), and the steps already done in the epoch are skipped.
+- Metrics every ``train.log_every`` steps to ``metrics.jsonl`` and TensorBoard, with a progress line and
+  ETA; the spectrum of the embedding covariance every ``train.spectrum_every`` steps; ``spectrum.png``
+  and ``loss.png`` at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from pretrain import runlog
+from pretrain.augment import build_view_transform
+from pretrain.checkpoint import LAST_NAME, load_checkpoint, save_checkpoint
+from pretrain.data_loading import EpochShardSampler, build_dataset, build_loader, num_skipped
+from pretrain.distributed import DistInfo, all_reduce_mean, barrier, gather_with_grad
+from pretrain.methods import build_method
+from pretrain.model import build_network, convert_sync_batchnorm, ema_update, make_momentum_copy
+from pretrain.optim import build_optimizer, ema_momentum_scheduler, lr_scheduler, scaled_lr, set_lr
+from pretrain.plots import plot_loss, plot_spectrum
+from pretrain.spectrum import covariance_spectrum, effective_rank, lg_ioc
+
+log = logging.getLogger("pretrain")
+
+# Config sections a resumed run must share with the run that wrote the checkpoint.
+RESUME_MUST_MATCH = ("model", "method", "optim", "data.kind")
+MAX_SPECTRUM_POINTS = 512
+MAX_CONSECUTIVE_SKIPS = 20
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the previous checkpoint is intact."""
+
+
+class ResumeError(RuntimeError):
+    """The run folder holds a run that this config cannot continue."""
+
+
+# ----------------------------------------------------------------------------------------- one step
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` on this device (None: full precision)."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a GPU; fix: train.amp=off (or bf16) on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def forward_loss(model: nn.Module, objective: nn.Module, views: Sequence[torch.Tensor],
+                 target_model: nn.Module | None = None, amp_dtype: torch.dtype | None = None):
+    """Projector outputs and the objective's output dict for one batch of views.
+
+    With an EMA objective, crop 0 goes through ``target_model`` (no gradient) and the other crops
+    through ``model``; otherwise every crop goes through ``model``.
+    """
+    device_type = views[0].device.type
+    with torch.autocast(device_type=device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        if objective.uses_ema:
+            online = model(list(views[1:]))
+            with torch.no_grad():
+                target = target_model([views[0]])[0]
+            out = objective(online, target=target)
+        else:
+            online = model(list(views))
+            out = objective(online)
+    return out, online
+
+
+def all_ranks_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every process (one collective; the same answer everywhere)."""
+    flag = torch.isfinite(loss.detach()).float().reshape(1)
+    return bool(all_reduce_mean(flag).item() == 1.0)
+
+
+@dataclass
+class StepOutput:
+    out: dict
+    online: list
+    finite: bool
+
+
+def train_step(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer,
+               views: Sequence[torch.Tensor], target_model: nn.Module | None = None,
+               scaler: Any = None, amp_dtype: torch.dtype | None = None) -> StepOutput:
+    """Forward, loss, and (only when the loss is finite on every rank) backward + optimiser step."""
+    out, online = forward_loss(model, objective, views, target_model, amp_dtype)
+    loss = out["loss"]
+    finite = all_ranks_finite(loss)
+    optimizer.zero_grad(set_to_none=True)
+    if finite:
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+    return StepOutput(out, online, finite)
+
+
+def spectrum_metrics(z: torch.Tensor) -> dict:
+    """Covariance spectrum of the projections (global batch), its effective rank and lgIoC."""
+    eigs = covariance_spectrum(z.detach().float())
+    n = eigs.numel()
+    row = {"effective_rank": effective_rank(eigs), "lg_ioc": lg_ioc(eigs)}
+    if n > MAX_SPECTRUM_POINTS:  # keep metrics.jsonl small: geometric subsample of the sorted eigenvalues
+        idx = sorted({int(round(x)) for x in np.geomspace(1, n, MAX_SPECTRUM_POINTS)})
+        row["spectrum"] = [float(eigs[i - 1]) for i in idx]
+        row["spectrum_index"] = idx
+    else:
+        row["spectrum"] = [float(e) for e in eigs]
+    return row
+
+
+def _scalar(v: Any) -> float | None:
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().item()) if v.numel() == 1 else None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return None
+
+
+def _fmt_time(seconds: float) -> str:
+    return str(timedelta(seconds=int(max(seconds, 0))))
+
+
+# ----------------------------------------------------------------------------------------- the engine
+class PretrainEngine:
+    def __init__(self, cfg: DictConfig, dist_info: DistInfo):
+        self.cfg = cfg
+        self.info = dist_info
+        self.device = dist_info.device
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_path = self.run_dir / LAST_NAME
+        world = dist_info.world_size
+        self.global_batch = int(cfg.optim.batch_size)
+        self.local_batch = self.global_batch // world
+
+        # Data: the augmentation and the dataset (RobustImageFolder or CIFAR) of cfg.data.
+        transform = build_view_transform(cfg.data.augment)
+        self.num_views = int(transform.num_views)
+        self.dataset = build_dataset(cfg.data, transform)
+        self.sampler = EpochShardSampler(len(self.dataset), self.local_batch, dist_info.rank, world, int(cfg.seed))
+        self.steps_per_epoch = self.sampler.per_rank // self.local_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the training set has {len(self.dataset)} images, fewer than one global batch of "
+                             f"{self.global_batch}; fix: a smaller optim.batch_size or a larger data set")
+        self.loader = build_loader(self.dataset, self.sampler, self.local_batch, int(cfg.data.workers),
+                                   pin_memory=self.device.type == "cuda")
+        self.total_steps = int(cfg.optim.epochs) * self.steps_per_epoch
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, int(cfg.train.max_steps))
+
+        # Network (the same initial weights on every rank), objective, optimiser, schedules.
+        torch.manual_seed(int(cfg.seed))
+        net = build_network(cfg.model)
+        if world > 1 and cfg.model.sync_bn:
+            net = convert_sync_batchnorm(net, self.device)
+        self.net = net.to(self.device)
+        self.objective = build_method(cfg.method, global_batch=self.global_batch, world_size=world)
+        if self.num_views < 2:
+            raise ValueError(f"data.augment gives {self.num_views} view(s); every method needs at least 2 "
+                             "(fix: data.augment.views with two or more entries)")
+        self.target = make_momentum_copy(self.net) if self.objective.uses_ema else None
+        if world > 1:
+            self.model: nn.Module = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.model = self.net
+        self.peak_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
+        self.optimizer = build_optimizer(self.net, self.peak_lr, cfg.optim.momentum, cfg.optim.weight_decay)
+        warmup_steps = int(round(float(cfg.optim.warmup_epochs) * self.steps_per_epoch))
+        self.lr_at = lr_scheduler(self.peak_lr, self.total_steps, warmup_steps, float(cfg.optim.final_lr_ratio))
+        self.momentum_at = ema_momentum_scheduler(float(cfg.optim.ema_momentum), self.total_steps)
+        self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
+        self.scaler = torch.cuda.amp.GradScaler() if self.amp_dtype == torch.float16 else None
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        self.step = 0
+        self.nonfinite_skips = 0
+        self.last_spectrum: dict | None = None
+        self.logger: runlog.MetricsLogger | None = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _rng_state(self) -> dict:
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def save(self, finished: bool = False) -> None:
+        if not self.info.is_main:
+            return
+        save_checkpoint({
+            "model": self.net.state_dict(),
+            "ema_model": self.target.state_dict() if self.target is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.step // self.steps_per_epoch,
+            "step": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "world_size": self.info.world_size,
+            "rng": self._rng_state(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "finished": finished,
+        }, self.ckpt_path)
+
+    def _check_resumable(self, saved: dict) -> None:
+        now = OmegaConf.to_container(self.cfg, resolve=True)
+        diffs = []
+        for key in RESUME_MUST_MATCH:
+            a, b = saved, now
+            for part in key.split("."):
+                a = a.get(part) if isinstance(a, dict) else None
+                b = b.get(part) if isinstance(b, dict) else None
+            if a != b:
+                diffs.append(f"{key}: checkpoint {a!r} vs now {b!r}")
+        if diffs:
+            raise ResumeError(f"{self.run_dir} holds a run with a different configuration ({'; '.join(diffs)}); "
+                              "fix: choose another name= for a new run, or delete that folder to start over")
+
+    def resume(self) -> bool:
+        """Loads ``last.pth`` if the run folder has one; returns True when it did."""
+        if not self.ckpt_path.exists():
+            return False
+        ckpt = load_checkpoint(self.ckpt_path, map_location="cpu")
+        self._check_resumable(ckpt.get("config") or {})
+        self.net.load_state_dict(ckpt["model"])
+        if self.target is not None:
+            if ckpt.get("ema_model") is None:
+                raise ResumeError(f"{self.ckpt_path} has no ema_model but method.ema is true; fix: a new name=")
+            self.target.load_state_dict(ckpt["ema_model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        rng = ckpt.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if torch.cuda.is_available() and len(rng.get("cuda", [])) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        if ckpt.get("steps_per_epoch") not in (None, self.steps_per_epoch):
+            log.warning("steps per epoch changed from %s to %s (other world size or data set): epoch boundaries "
+                        "and the data order after step %d differ from the original run",
+                        ckpt["steps_per_epoch"], self.steps_per_epoch, self.step)
+        if self.info.is_main:
+            self._truncate_metrics(self.step)
+        log.info("resuming from step %d (epoch %d) of %s", self.step, self.step // self.steps_per_epoch, self.ckpt_path)
+        return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drops metric rows written after the checkpoint (steps that the resumed run repeats)."""
+        rows = runlog.read_metrics(self.run_dir)
+        keep = [r for r in rows if r.get("step", 0) <= step]
+        if len(keep) != len(rows):
+            import json
+
+            runlog.atomic_write_text(self.run_dir / "metrics.jsonl",
+                                     "".join(json.dumps(r) + "\n" for r in keep))
+
+    # ------------------------------------------------------------------ training
+    def fit(self) -> dict:
+        cfg = self.cfg
+        resumed = self.resume()
+        if self.info.is_main:
+            runlog.save_config(self.run_dir, cfg)
+        self.logger = runlog.MetricsLogger(self.run_dir, enabled=self.info.is_main)
+        if not resumed:
+            log.info("starting a new run in %s", self.run_dir)
+        log.info("world size %d, global batch %d (%d per process), lr %.4g (= %.4g x %d / 256), %d views, "
+                 "%d steps (%d per epoch), amp %s, method %s", self.info.world_size, self.global_batch,
+                 self.local_batch, self.peak_lr, cfg.optim.base_lr, self.global_batch, self.num_views,
+                 self.total_steps, self.steps_per_epoch, self.amp_dtype or "off", self.objective.name)
+        try:
+            self._train_loop()
+            return self._finish()
+        finally:
+            self.logger.close()
+
+    def _train_loop(self) -> None:
+        cfg = self.cfg.train
+        start_step, t_start = self.step, time.time()
+        t_log, step_log = t_start, self.step
+        consecutive_skips = 0
+        while self.step < self.total_steps:
+            epoch = self.step // self.steps_per_epoch
+            self.sampler.set_epoch(epoch, start_batch=self.step - epoch * self.steps_per_epoch)
+            for views, _ in self.loader:
+                views = [v.to(self.device, non_blocking=True) for v in views]
+                lr = self.lr_at(self.step)
+                set_lr(self.optimizer, lr)
+                res = train_step(self.model, self.objective, self.optimizer, views, self.target, self.scaler,
+                                 self.amp_dtype)
+                if not res.finite:
+                    consecutive_skips += 1
+                    self._on_nonfinite(res, lr, consecutive_skips)
+                else:
+                    consecutive_skips = 0
+                momentum = None
+                if self.target is not None and res.finite:
+                    momentum = self.momentum_at(self.step)
+                    ema_update(self.target, self.net, momentum)
+                self.step += 1
+                last = self.step >= self.total_steps
+                want_spectrum = last or (cfg.spectrum_every and self.step % cfg.spectrum_every == 0)
+                spectrum = None
+                if want_spectrum and res.finite:
+                    spectrum = self._spectrum(res.online[0])
+                if last or self.step % cfg.log_every == 0 or spectrum is not None:
+                    now = time.time()
+                    ips = (self.step - step_log) * self.global_batch / max(now - t_log, 1e-9)
+                    eta = (now - t_start) / max(self.step - start_step, 1) * (self.total_steps - self.step)
+                    self._log(res, lr, momentum, ips, eta, spectrum)
+                    t_log, step_log = now, self.step
+                if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and not last:
+                    self.save()
+                if last:
+                    break
+            if self.step % self.steps_per_epoch == 0 and self.step < self.total_steps:
+                self.save()  # end of an epoch
+
+    def _spectrum(self, z_local: torch.Tensor) -> dict | None:
+        with torch.no_grad():
+            z = gather_with_grad(z_local.detach().float())
+        if not self.info.is_main:
+            return None
+        self.last_spectrum = {"step": self.step, **spectrum_metrics(z)}
+        return self.last_spectrum
+
+    def _log(self, res: StepOutput, lr: float, momentum: float | None, ips: float, eta: float,
+             spectrum: dict | None) -> None:
+        if not self.info.is_main:
+            return
+        parts = {k: _scalar(v) for k, v in res.out.items()}
+        parts = {k: v for k, v in parts.items() if v is not None}
+        row: dict = {"epoch": self.step / self.steps_per_epoch, **parts, "lr": lr, "images_per_s": ips,
+                     "skipped_images": num_skipped(self.dataset), "nonfinite_skips": self.nonfinite_skips}
+        if momentum is not None:
+            row["ema_momentum"] = momentum
+        if spectrum is not None:
+            row.update({k: v for k, v in spectrum.items() if k != "step"})
+        self.logger.log(self.step, **row)
+        loss_txt = " ".join(f"{k} {parts[k]:.4f}" for k in ("loss", "align", "trace") if k in parts)
+        extra = f" m {momentum:.5f}" if momentum is not None else ""
+        spec = f" erank {spectrum['effective_rank']:.1f} lgIoC {spectrum['lg_ioc']:.2f}" if spectrum else ""
+        log.info("ep %d/%d step %d/%d %s lr %.4g%s%s | %.1f img/s | ETA %s", self.step // self.steps_per_epoch,
+                 self.total_steps // self.steps_per_epoch, self.step, self.total_steps, loss_txt, lr, extra, spec,
+                 ips, _fmt_time(eta))
+
+    def _on_nonfinite(self, res: StepOutput, lr: float, consecutive: int) -> None:
+        step = self.step + 1
+        parts = {k: _scalar(v) for k, v in res.out.items()}
+        report: dict = {"step": step, "lr": lr, **{k: v for k, v in parts.items() if v is not None},
+                        "last_checkpoint_step": self._ckpt_step(), "last_spectrum": self.last_spectrum}
+        try:  # this process's projections that produced the bad loss (no collective on this error path)
+            z = res.online[0].detach().float()
+            if torch.isfinite(z).all():
+                report["spectrum_now"] = spectrum_metrics(z)
+            else:
+                report["spectrum_now"] = f"projections hold {int((~torch.isfinite(z)).sum())} non-finite values"
+        except Exception as e:  # noqa: BLE001 - a failing diagnosis must not hide the real error
+            report["spectrum_now"] = f"could not be computed: {type(e).__name__}: {e}"
+        mode = self.cfg.train.on_nonfinite
+        if self.info.is_main:
+            runlog.write_json(self.run_dir / f"nonfinite_step{step}.json", report)
+        msg = (f"non-finite loss ({report.get('loss')}) at step {step}; parts and spectrum in "
+               f"{self.run_dir / f'nonfinite_step{step}.json'}")
+        if mode == "skip" and consecutive <= MAX_CONSECUTIVE_SKIPS:
+            self.nonfinite_skips += 1
+            log.warning("%s; batch skipped (train.on_nonfinite=skip), no weight was changed", msg)
+            return
+        why = (f"{consecutive} consecutive non-finite losses" if mode == "skip" else "train.on_nonfinite=stop")
+        raise NonFiniteLossError(
+            f"{msg}. Stopped ({why}) before updating any weight; the last checkpoint {self.ckpt_path} "
+            f"(step {report['last_checkpoint_step']}) is intact. Fix: lower optim.base_lr, train.amp=bf16 or off, "
+            "or train.on_nonfinite=skip to skip such batches")
+
+    def _ckpt_step(self) -> int | None:
+        if not self.ckpt_path.exists():
+            return None
+        try:
+            return int(load_checkpoint(self.ckpt_path)["step"])
+        except Exception:  # noqa: BLE001
+            return None
+
+    # ------------------------------------------------------------------ end of the run
+    def _finish(self) -> dict:
+        self.save(finished=True)
+        summary = None
+        if self.info.is_main:
+            rows = runlog.read_metrics(self.run_dir)
+            plot_spectrum(rows, self.run_dir / "spectrum.png")
+            plot_loss(rows, self.run_dir / "loss.png")
+            last = next((r for r in reversed(rows) if "loss" in r), {})
+            spec = self.last_spectrum or next((r for r in reversed(rows) if "effective_rank" in r), {})
+            summary = {
+                "run_dir": str(self.run_dir), "checkpoint": str(self.ckpt_path), "steps": self.step,
+                "epochs": self.step / self.steps_per_epoch, "final_loss": last.get("loss"),
+                "effective_rank": spec.get("effective_rank"), "lg_ioc": spec.get("lg_ioc"),
+                "world_size": self.info.world_size, "global_batch": self.global_batch,
+                "skipped_images": num_skipped(self.dataset), "nonfinite_skips": self.nonfinite_skips,
+            }
+            runlog.mark_complete(self.run_dir, summary)
+            log.info("finished: %d steps; final loss %s; checkpoint %s", self.step, summary["final_loss"],
+                     self.ckpt_path)
+        barrier()
+        return summary

@@ -1,0 +1,139 @@
+"""The pretraining network: ResNet backbone + projector, SyncBN conversion, the momentum (EMA) copy.
+
+``SSLNetwork`` holds ``backbone`` (a torchvision ResNet without ``fc``, pretrain/backbones.py) and
+``projector``, so its state_dict keys are ``backbone.<torchvision key>`` and ``projector.<i>.<...>``: the
+checkpoint layout of DESIGN.md. Its forward takes the list of views of one batch and returns one
+projection per view; every view goes through the network on its own (batch-norm statistics per view,
+as in the paper's code), and multi-crop views of different sizes are fine.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from pretrain.backbones import build_resnet
+from pretrain.distributed import is_dist
+
+
+def build_projector(in_dim: int, sizes: Sequence[int]) -> nn.Sequential:
+    """N linear layers ``in_dim -> sizes[0] -> ... -> sizes[-1]``.
+
+    Hidden layers are Linear (no bias: BN follows) + BatchNorm1d + ReLU; the last layer is a plain
+    Linear with bias (the paper's projector: 3 x 8192).
+    """
+    sizes = [int(s) for s in sizes]
+    if not sizes or any(s <= 0 for s in sizes):
+        raise ValueError(f"model.projector must be a non-empty list of positive layer sizes, got {sizes}; "
+                         "fix: e.g. model.projector=[8192,8192,8192]")
+    layers: list[nn.Module] = []
+    dims = [int(in_dim), *sizes]
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1]))
+    return nn.Sequential(*layers)
+
+
+class SSLNetwork(nn.Module):
+    """Backbone + projector; ``forward(views) -> [projection of each view]``."""
+
+    def __init__(self, arch: str, projector: Sequence[int], small_stem: bool = False,
+                 zero_init_residual: bool | None = None):
+        super().__init__()
+        self.backbone = build_resnet(arch, small_stem=small_stem, zero_init_residual=zero_init_residual)
+        self.projector = build_projector(self.backbone.feature_dim, projector)
+
+    def forward(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.projector(self.backbone(v)) for v in views]
+
+
+def build_network(cfg_model) -> SSLNetwork:
+    return SSLNetwork(arch=cfg_model.arch, projector=list(cfg_model.projector),
+                      small_stem=bool(cfg_model.small_stem), zero_init_residual=cfg_model.zero_init_residual)
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose statistics cover the batch of every process: SyncBN for the gloo (CPU) backend.
+
+    ``torch.nn.SyncBatchNorm`` refuses CPU tensors, and the engine must behave the same on CPU processes
+    as on GPUs, so this is the CPU counterpart (on CUDA the engine uses torch's SyncBatchNorm). The mean
+    and the variance are all-reduced with ``torch.distributed.nn.functional.all_reduce``, whose backward
+    all-reduces the gradients, so the result equals batch norm over the concatenated batch, forward and
+    backward. Same parameters and buffers as BatchNorm (identical state_dict keys).
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in (2, 3, 4, 5):
+            raise ValueError(f"expected a 2D-5D input, got {x.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_dist() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        world = dist.get_world_size()
+        dims = [0] + list(range(2, x.dim()))
+        count = x.numel() // x.shape[1] * world
+        xf = x.float()
+        mean = all_reduce(xf.sum(dim=dims)) / count
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        centred = xf - mean.view(shape)
+        var = all_reduce(centred.pow(2).sum(dim=dims)) / count  # biased, used to normalise
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * count / max(count - 1, 1), alpha=m)
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm*d -> a batch norm over the global batch (torch's SyncBatchNorm on CUDA)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+        if module.affine:
+            with torch.no_grad():
+                out.weight.copy_(module.weight)
+                out.bias.copy_(module.bias)
+            out.weight.requires_grad_(module.weight.requires_grad)
+            out.bias.requires_grad_(module.bias.requires_grad)
+        if module.track_running_stats:
+            out.running_mean.copy_(module.running_mean)
+            out.running_var.copy_(module.running_var)
+            out.num_batches_tracked.copy_(module.num_batches_tracked)
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, device))
+    return out
+
+
+def make_momentum_copy(online: nn.Module) -> nn.Module:
+    """The EMA (momentum) network: a frozen copy of the online network."""
+    target = copy.deepcopy(online)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * online, for parameters.
+
+    The target's batch-norm buffers are its own: it runs in training mode on crop 0 and tracks them.
+    """
+    t_params = list(target.parameters())
+    o_params = list(online.parameters())
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)

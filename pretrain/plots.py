@@ -1,0 +1,72 @@
+"""PNG plots of a pretraining run, drawn from its ``metrics.jsonl`` rows (matplotlib, no display)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    """Writes the figure atomically (temporary file + rename), like every other output of a run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def plot_spectrum(rows: Sequence[dict], path: str | os.PathLike, max_curves: int = 5) -> Path | None:
+    """Sorted covariance eigenvalues of the embedding (log scale) at a few steps, the last one bold.
+
+    ``rows`` are metrics rows holding ``spectrum`` (a list of eigenvalues); returns None if there is none.
+    """
+    spectra = [r for r in rows if isinstance(r.get("spectrum"), list) and r["spectrum"]]
+    if not spectra:
+        return None
+    picks = spectra if len(spectra) <= max_curves else [
+        spectra[round(i * (len(spectra) - 1) / (max_curves - 1))] for i in range(max_curves)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, r in enumerate(picks):
+        eigs = [max(float(e), 1e-12) for e in r["spectrum"]]
+        last = k == len(picks) - 1
+        label = f"step {r['step']}"
+        if "effective_rank" in r and "lg_ioc" in r:
+            label += f" (erank {r['effective_rank']:.1f}, lgIoC {r['lg_ioc']:.2f})"
+        ax.plot(range(1, len(eigs) + 1), eigs, lw=2.2 if last else 1.0, alpha=1.0 if last else 0.6, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue index (sorted)")
+    ax.set_ylabel("eigenvalue of the embedding covariance")
+    ax.set_title("Spectrum of the projector output")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def plot_loss(rows: Sequence[dict], path: str | os.PathLike, keys: Sequence[str] = ("loss", "align", "trace")) -> Path | None:
+    """Loss (and its parts) against the step; returns None if no row has a loss."""
+    rows = [r for r in rows if isinstance(r.get("loss"), (int, float))]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [r["step"] for r in rows]
+    for k in keys:
+        if any(k in r for r in rows):
+            ax.plot(steps, [r.get(k, float("nan")) for r in rows], label=k, lw=1.5 if k == "loss" else 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Pretraining loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(path))

@@ -1,0 +1,224 @@
+"""Pretraining entry point: ``run(cfg)`` (called by the ``submit`` launcher in every process) and
+``python -m pretrain.train key=value ...`` (Hydra main, one process or under torchrun-style variables).
+
+Config: ``configs/pretrain.yaml`` with the groups of ``configs/pretrain/`` (data, model, method, optim,
+preset). Choose a group option with ``pretrain/<group>=<option>`` (``pretrain/method@method=<name>``
+for the method group), a paper preset with ``pretrain/preset=<name>``, values with ``key=value``::
+
+    python -m pretrain.train pretrain/preset=synthetic
+    python -m pretrain.train pretrain/preset=imagenet_800ep data.root=/datasets/imagenet name=intl_800ep
+
+``validate_config`` checks every key against the schema below (an unknown key or a bad value fails at
+start with a message naming it and the fix); the method's own keys are checked by
+``pretrain.methods.build_method``, the augmentation keys by ``pretrain.augment``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pretrain import runlog
+from pretrain.backbones import FEATURE_DIMS
+
+log = logging.getLogger("pretrain")
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+NONFINITE_MODES = ("stop", "skip")
+
+
+# ------------------------------------------------------------------------------------------ schema
+@dataclass
+class DataSchema:
+    kind: str = "imagefolder"          # imagefolder | cifar10 | cifar100
+    root: str = "data/synthetic/classification"
+    split: str = "train"               # sub-folder of root holding the training images ("" = root itself)
+    workers: int = 4                   # DataLoader workers per process
+    augment: Dict[str, Any] = field(default_factory=dict)  # pretrain.augment keys (validated there)
+
+
+@dataclass
+class ModelSchema:
+    arch: str = "resnet50"
+    small_stem: bool = False           # 3x3 stride-1 stem, no max-pool (32-px images)
+    zero_init_residual: Optional[bool] = None  # null: True for ResNet-50/101, False for ResNet-18/34
+    projector: List[int] = field(default_factory=lambda: [8192, 8192, 8192])
+    sync_bn: bool = True               # batch norm over the global batch when there are several processes
+
+
+@dataclass
+class OptimSchema:
+    epochs: int = 100
+    batch_size: int = 512              # GLOBAL batch; per process = batch_size / world size
+    base_lr: float = 0.5               # lr = base_lr * batch_size / 256
+    weight_decay: float = 1.0e-5       # not applied to biases and norm parameters
+    momentum: float = 0.9
+    warmup_epochs: float = 2.0
+    final_lr_ratio: float = 0.001      # the cosine ends at base lr * this
+    ema_momentum: float = 0.996        # momentum encoder (method.ema=true): this -> 1 on a cosine
+
+
+@dataclass
+class TrainSchema:
+    amp: str = "auto"                  # auto (bf16/fp16 on GPU, off on CPU) | off | bf16 | fp16
+    log_every: int = 50                # steps between metric rows / progress lines
+    spectrum_every: int = 500          # steps between spectrum measurements (0: only at the end)
+    ckpt_every_steps: int = 1000       # steps between checkpoints (0: only at epoch ends); always per epoch
+    max_steps: Optional[int] = None    # cut the schedule at this many steps (quick runs, tests)
+    on_nonfinite: str = "stop"         # stop | skip
+
+
+@dataclass
+class PretrainSchema:
+    name: str = "intl"
+    run_dir: str = "outputs/pretrain/${name}"
+    seed: int = 0
+    data: DataSchema = field(default_factory=DataSchema)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    method: Dict[str, Any] = field(default_factory=lambda: {"name": "intl"})
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    train: TrainSchema = field(default_factory=TrainSchema)
+
+
+class ConfigError(ValueError):
+    """A pretraining config that cannot run; the message names the key and the fix."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> DictConfig:
+    """The config merged onto the schema (unknown keys and wrong types rejected) and checked.
+
+    Returns a resolved, typed DictConfig. Raises ConfigError naming the problem and the fix.
+    check_paths=False skips the check that the data folder exists (composing configs elsewhere).
+    """
+    raw = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg)
+    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"]) if "hydra" in raw else raw
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PretrainSchema), raw)
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        section = key.split(".")[0] if "." in key else ""
+        valid = ""
+        if section in ("data", "model", "optim", "train"):
+            valid = f"; valid keys of {section}: {sorted(OmegaConf.structured(PretrainSchema)[section].keys())}"
+        elif not section:
+            valid = f"; valid top-level keys: {sorted(OmegaConf.structured(PretrainSchema).keys())}"
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"bad pretraining config at {key or '<root>'!r}: {first_line}{valid}") from None
+    d, m, o, t = merged.data, merged.model, merged.optim, merged.train
+    _check(m.arch in FEATURE_DIMS, f"model.arch={m.arch!r} is unknown; choose one of {sorted(FEATURE_DIMS)}")
+    _check(len(m.projector) >= 1 and all(s > 0 for s in m.projector),
+           f"model.projector={list(m.projector)}: give >= 1 positive layer sizes, e.g. [8192,8192,8192]")
+    _check(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
+    _check(o.batch_size >= 2, f"optim.batch_size must be >= 2, got {o.batch_size}")
+    _check(o.batch_size % world_size == 0,
+           f"optim.batch_size={o.batch_size} (the GLOBAL batch) is not divisible by the {world_size} processes; "
+           f"fix: a multiple of {world_size}, e.g. {max(world_size, o.batch_size // world_size * world_size)}")
+    _check(o.base_lr > 0 and o.momentum >= 0 and o.weight_decay >= 0 and o.warmup_epochs >= 0,
+           "optim.base_lr must be > 0 and momentum, weight_decay, warmup_epochs >= 0")
+    _check(0 <= o.final_lr_ratio <= 1, f"optim.final_lr_ratio must be in [0, 1], got {o.final_lr_ratio}")
+    _check(0 <= o.ema_momentum <= 1, f"optim.ema_momentum must be in [0, 1], got {o.ema_momentum}")
+    _check(t.amp in AMP_MODES, f"train.amp={t.amp!r}; choose one of {list(AMP_MODES)}")
+    _check(t.on_nonfinite in NONFINITE_MODES, f"train.on_nonfinite={t.on_nonfinite!r}; choose one of {list(NONFINITE_MODES)}")
+    _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    _check(t.spectrum_every >= 0 and t.ckpt_every_steps >= 0, "train.spectrum_every and train.ckpt_every_steps must be >= 0")
+    _check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be null or >= 1, got {t.max_steps}")
+    _check(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
+    _check(isinstance(merged.method.get("name"), str), "method needs a name (choose with pretrain/method@method=<name>)")
+    if check_paths and d.kind == "imagefolder":
+        folder = Path(d.root) / d.split if d.split else Path(d.root)
+        _check(folder.is_dir(), f"data.root/data.split = {str(folder)!r} is not a folder; fix: set data.root to the "
+                                "dataset root with <root>/<split>/<class>/<image> (ImageNet layout); for the embedded "
+                                "set run `python -m pretrain.synthetic --out data/synthetic`")
+    return merged
+
+
+# ------------------------------------------------------------------------------------------ entry
+def _ensure_logging() -> None:
+    """A console handler for the ``pretrain`` logger when nobody (Hydra, the launcher) configured one."""
+    if logging.getLogger().handlers or log.handlers:
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.INFO)
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _cpu_threads_per_process(world_size: int) -> None:
+    """On CPU, several processes of one job share the machine: give each its share of the cores
+    (torch would start one thread per core in every process and oversubscribe them)."""
+    import os
+
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    share = max(1, (os.cpu_count() or 1) // max(local, 1))
+    if torch.get_num_threads() > share:
+        torch.set_num_threads(share)
+
+
+def run(cfg: DictConfig) -> dict | None:
+    """Pretrains (or resumes) the run of ``cfg`` in this process; the summary dict on rank 0, else None.
+
+    Call once per process after the launcher exported RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR /
+    MASTER_PORT (or none of them: one process).
+    """
+    from pretrain.distributed import init_distributed
+
+    _ensure_logging()
+    info = init_distributed()
+    cfg = validate_config(cfg, world_size=info.world_size)
+    if info.device.type == "cpu" and info.world_size > 1:
+        _cpu_threads_per_process(info.world_size)
+    run_dir = Path(cfg.run_dir)
+    if runlog.is_complete(run_dir):
+        import json
+
+        summary = json.loads((run_dir / runlog.COMPLETE_MARKER).read_text() or "{}")
+        log.info("run %s is already complete (step %s); nothing to do", run_dir, summary.get("steps"))
+        return {**summary, "already_complete": True} if info.is_main else None
+    if not info.is_main:
+        log.setLevel(logging.WARNING)  # one progress stream: rank 0's
+    from pretrain.engine import PretrainEngine
+
+    engine = PretrainEngine(cfg, info)
+    summary = engine.fit()
+    return summary if info.is_main else None
+
+
+def _main() -> None:
+    import hydra
+
+    @hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "configs"), config_name="pretrain",
+                version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        from pretrain.checkpoint import CheckpointError
+        from pretrain.engine import NonFiniteLossError, ResumeError
+
+        try:
+            summary = run(cfg)
+        except (ConfigError, ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, ResumeError) as e:
+            print(f"pretrain: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if summary is not None:
+            print(OmegaConf.to_yaml(OmegaConf.create(summary)))
+
+    main()
+
+
+if __name__ == "__main__":
+    _main()
