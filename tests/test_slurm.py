@@ -168,3 +168,28 @@ def test_pretrain_through_sbatch_preempted_resumes_to_the_same_step(localhost_sl
     assert ckpt["step"] == steps and ckpt["finished"] is True
     script = next((run / "submitit").glob("*.sh")).read_text()
     assert "#SBATCH --gpus-per-node=2" in script and "#SBATCH --ntasks-per-node=2" in script
+
+
+def test_example_sbatch_script_runs_a_stage_without_the_cli(counter_env, tmp_path):
+    """slurm/examples/pretrain.sbatch (plain sbatch + srun + python -m slurm.run_stage), resources overridden
+    on the sbatch command line to fit the localhost node."""
+    import sys
+
+    script = ROOT / "slurm" / "examples" / "pretrain.sbatch"
+    env = {**os.environ, "VENV": str(Path(sys.executable).parents[1])}
+    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", "--ntasks-per-node=2",
+                           "--gpus-per-node=2", "--cpus-per-task=1", "--mem-per-gpu=1G", "--time=5",
+                           f"--output={tmp_path}/ex-%j.out", str(script), "counter", "steps=2", "step_seconds=0.1"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    end = time.time() + 120  # (sbatch --wait polls too slowly: up to 30 s late)
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.time() < end, "the example job did not finish in 120 s"
+        time.sleep(0.5)
+    out = (tmp_path / f"ex-{job}.out").read_text()
+    state = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "JobState=COMPLETED" in state, state + out
+    assert "job " in out and ": counter on 1 node(s), 2 task(s)" in out
+    assert "rank 0 of world size 2" in out and "rank 1 of world size 2" in out and "counter: step 2/2" in out
+    assert json.loads((counter_env / "results.json").read_text())["world_size"] == 2
