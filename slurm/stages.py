@@ -59,7 +59,11 @@ class StageSpec:
 
     def preflight_function(self):
         """The stage's up-front check, or None when its module has none."""
-        module = importlib.import_module(self.module)
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError as e:
+            raise SubmitError(f"stage {self.name!r}: its module {self.module} fails to import ({e}); fix: check the "
+                              "installation (make venv) or the module") from None
         return getattr(module, self.preflight, None)
 
     def load_entry_point(self):

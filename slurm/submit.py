@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -100,15 +101,15 @@ def _import_stage_module(stage: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ planning
+@dataclass
 class Plan:
     """What will be submitted: the jobs, where they write, and what to print for --dry-run."""
 
-    def __init__(self, spec: StageSpec, state: RunState, jobs: list, description: str, labels: list[str]):
-        self.spec = spec
-        self.state = state
-        self.jobs = jobs              # StageJob / DetectionJob objects, not yet submitted
-        self.description = description  # the resolved config (YAML) or the detection commands
-        self.labels = labels          # one per job, for messages
+    spec: StageSpec
+    state: RunState
+    jobs: list          # StageJob / DetectionJob objects, not yet submitted
+    description: str    # the resolved config (YAML) or the detection commands
+    labels: list[str]   # one per job, for messages
 
 
 def _plan_hydra(spec: StageSpec, args) -> Plan:
@@ -268,7 +269,9 @@ def _submit(args, argv: list[str]) -> int:
         raise SubmitError(f"this run already has a job queued or running: {', '.join(active)}; nothing was "
                           "submitted; fix: wait for it (or cancel it), or pass --new for a separate run")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if spec.kind != DETECTION:
+    if spec.kind != DETECTION and plan.state.state == NEW:
+        # A resumed run keeps the config.yaml it started with (the stage itself checks that the new
+        # config may resume the checkpoint, and says what differs when it may not).
         from pretrain.runlog import save_config
 
         save_config(run_dir, plan.jobs[0].config)

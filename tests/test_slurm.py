@@ -102,7 +102,9 @@ def test_two_tasks_with_two_gpus_per_node(counter_env, capsys):
     assert all(e["CUDA_VISIBLE_DEVICES"] for e in envs)  # the fake gres was bound to the tasks
     assert torch.load(run / "last.pth")["step"] == 3
     assert (run / "COMPLETE").exists()
-    # More GPUs than the node offers: refused before anything is queued.
+    # An unknown partition and more GPUs than the node offers: refused before anything is queued.
+    assert main(["counter", "--cluster", "slurm", "--gpus", "2", "--partition", "nope", "--new"]) == 2
+    assert "Slurm has no partition 'nope'" in capsys.readouterr().err
     assert main(["counter", "--cluster", "slurm", "--gpus", "4", "--new"]) == 2
     assert "offer at most 2 GPU" in capsys.readouterr().err
 

@@ -46,6 +46,21 @@ def test_compose_config_from_any_cwd(tmp_path, monkeypatch):
     assert "seed" in cfg
 
 
+def test_config_dir_override_for_installed_packages(tmp_path, monkeypatch):
+    (tmp_path / "pretrain.yaml").write_text("name: elsewhere\nrun_dir: outputs/pretrain/${name}\nseed: 1\n")
+    monkeypatch.setenv(stages.CONFIG_DIR_ENV, str(tmp_path))
+    assert stages.config_dir() == tmp_path.resolve()
+    assert stages.compose_config("pretrain", []).name == "elsewhere"
+
+
+def test_stage_module_that_fails_to_import(tmp_path, monkeypatch):
+    (tmp_path / "broken_stage_mod.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, f"broken=broken_stage_mod:run@{tmp_path}")
+    with pytest.raises(SubmitError, match="fails to import.*no_such_dependency_xyz"):
+        stages.get_stage("broken").preflight_function()
+
+
 def test_compose_config_errors_name_the_problem():
     with pytest.raises(SubmitError, match="unknown stage 'pretrian'.*pretrain"):
         stages.compose_config("pretrian", [])
