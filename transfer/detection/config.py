@@ -20,7 +20,8 @@ from detectron2.config import get_cfg
 
 logger = logging.getLogger("transfer.detection")
 
-ENTRY_POINT = "python -m transfer.detection.train_net (or: submit detection)"
+# The first key of configs/detection/Base-RCNN-C4-BN.yaml: plain detectron2 rejects it by this name.
+MARKER_KEY = "REQUIRES_transfer_detection_train_net"
 
 
 class DetectionSetupError(ValueError):
@@ -29,9 +30,9 @@ class DetectionSetupError(ValueError):
 
 def add_intl_config(cfg: CN) -> CN:
     """Adds our keys (``INTL.*``) to a detectron2 config, in the style of detectron2 projects' add_*_config."""
+    # Marks a config as ours: plain detectron2 stops at this unknown key, whose name says where to go.
+    cfg[MARKER_KEY] = False
     cfg.INTL = CN()
-    # Marks a config as ours; our configs also fail to load in plain detectron2 because of this key.
-    cfg.INTL.ENTRY_POINT = ENTRY_POINT
     # The global batch that SOLVER.BASE_LR / MAX_ITER / STEPS were written for; 0 = never rescale.
     cfg.INTL.REFERENCE_IMS_PER_BATCH = 0
     # Image root for the builtin COCO 2017 / VOC datasets (detectron2's layout: coco/train2017,
@@ -63,14 +64,16 @@ def load_config(config_file: str | Path, opts: list[str] | tuple[str, ...] = ())
         raise DetectionSetupError(f"overrides must be KEY VALUE pairs, got an odd number: {opts}; "
                                   "fix: e.g. SOLVER.MAX_ITER 1000 MODEL.WEIGHTS w.pkl")
     cfg = base_config()
+    fix = ("fix: check the key's spelling against detectron2's config reference (detectron2/config/defaults.py) "
+           "or INTL.* in transfer/detection/config.py")
     try:
         cfg.merge_from_file(str(config_file))
-        cfg.merge_from_list(opts)
     except KeyError as e:
-        raise DetectionSetupError(f"{config_file}: {e.args[0] if e.args else e}; fix: check the key's spelling "
-                                  "against detectron2's config reference or INTL.* in transfer/detection/config.py") from e
-    except (ValueError, AssertionError) as e:
-        raise DetectionSetupError(f"{config_file} with overrides {opts}: {e}") from e
+        raise DetectionSetupError(f"{config_file}: {e.args[0] if e.args else e}; {fix}") from e
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, AssertionError, ValueError) as e:
+        raise DetectionSetupError(f"override in {opts}: {e.args[0] if e.args else e}; {fix}") from e
     return cfg
 
 
