@@ -49,8 +49,6 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
 
 
@@ -167,7 +165,11 @@ def aug_config_from(cfg_aug: Any) -> AugConfig:
         cfg.views = [_view_from(v, i) for i, v in enumerate(views)]
     else:
         cfg.views = [ViewSpec(**asdict(v)) for v in cfg.views]
-    _validate(cfg)
+    try:
+        _validate(cfg)
+    except TypeError as e:  # e.g. a quoted number in YAML compared with a float
+        raise AugConfigError(f"augmentation config has a value of the wrong type ({e}); numbers must be "
+                             f"numbers, sizes integers: {cfg}") from None
     return cfg
 
 

@@ -73,6 +73,8 @@ def test_overrides_on_top_of_a_preset_and_dictconfig():
     ({"hue": 0.7}, "hue must be in [0, 0.5]"),
     ({"interpolation": "nearest"}, "interpolation must be one of"),
     ({"views": []}, "at least one view"),
+    ({"views": [{"size": 32, "min_scale": "0.2"}]}, "wrong type"),
+    ("imagenet", "cfg_aug must be a mapping"),
 ])
 def test_bad_config_names_the_key(bad, needle):
     with pytest.raises(AugConfigError) as e:
