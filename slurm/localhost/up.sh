@@ -73,7 +73,16 @@ for _ in $(seq 50); do [[ -S $SOCK ]] && break; sleep 0.1; done
 cp "$DIR/munge/munged.pid" "$DIR/run/munged.pid"
 
 # ------------------------------------------------------------------------------- fake GPUs (gres)
-for i in 0 1; do [[ -c $DIR/dev/nvidia$i ]] || mknod "$DIR/dev/nvidia$i" c 195 "$i"; done
+# Character devices make Slurm bind them (CUDA_VISIBLE_DEVICES per task); where mknod is not allowed
+# (some containers) regular files still let --gpus-per-node jobs schedule, without that binding.
+gpu_files=char
+for i in 0 1; do
+  [[ -c $DIR/dev/nvidia$i ]] && continue
+  if ! mknod "$DIR/dev/nvidia$i" c 195 "$i" 2>/dev/null; then
+    gpu_files=regular; : >"$DIR/dev/nvidia$i"
+  fi
+done
+[[ $gpu_files == char ]] || log "warning: mknod not permitted; fake GPUs are regular files (no CUDA_VISIBLE_DEVICES binding)"
 cat >"$DIR/etc/gres.conf" <<EOF
 AutoDetect=off
 NodeName=$NAME Name=gpu File=$DIR/dev/nvidia[0-1]
@@ -155,7 +164,7 @@ NodeName=$NAME NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM Gres=gpu:2 State=UN
 PartitionName=debug Nodes=$NAME Default=YES MaxTime=INFINITE State=UP
 EOF
 export SLURM_CONF="$DIR/etc/slurm.conf"
-echo "export SLURM_CONF=$SLURM_CONF" >"$DIR/env.sh"
+printf 'export SLURM_CONF=%s\nexport INTL_FAKE_GPU_FILES=%s\n' "$SLURM_CONF" "$gpu_files" >"$DIR/env.sh"
 
 # --------------------------------------------------------------------------------------- daemons
 if [[ $accounting -eq 1 ]]; then
