@@ -233,3 +233,14 @@ def test_aggregate_mean_std_and_incomplete_seeds(tmp_path):
     assert seed_runs(tmp_path, 2)[1][1] == ["SEED", "1"]
     with pytest.raises(DetectionSetupError, match="no seed"):
         aggregate(tmp_path / "seed3")
+
+
+def test_preflight_checks_the_batch_against_the_world_size(synthetic_root):
+    from transfer.detection.train_net import preflight
+
+    coco = synthetic_root / "coco"
+    opts = ["INTL.COCO_JSON_SETS", repr([["synthetic_coco_train", str(coco / "instances_train.json"), str(coco)],
+                                         ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]])]
+    assert preflight(CONFIGS / "synthetic_R_50_C4.yaml", opts, world_size=2).SOLVER.IMS_PER_BATCH == 4
+    with pytest.raises(DetectionSetupError, match="IMS_PER_BATCH=4 is not divisible by the world size 3"):
+        preflight(CONFIGS / "synthetic_R_50_C4.yaml", opts, world_size=3)

@@ -16,7 +16,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detection" / "synthetic_R_50_C4.yaml"
-ITERS = 20
+ITERS = 40
 
 
 def make_converted_weights(tmp: Path) -> Path:
@@ -41,7 +41,7 @@ def tiny_opts(data: Path, weights: Path) -> list[str]:
             ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]]
     return [
         "INTL.COCO_JSON_SETS", repr(sets), "MODEL.WEIGHTS", str(weights),
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(ITERS), "SOLVER.STEPS", f"({ITERS - 4},)",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(ITERS), "SOLVER.STEPS", f"({ITERS - 5},)",
         "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "1000",
         "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
         "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "6", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "8",

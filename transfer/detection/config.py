@@ -39,7 +39,7 @@ def add_intl_config(cfg: CN) -> CN:
     # coco/annotations, VOC2007, VOC2012). "" = $DETECTRON2_DATASETS, else ./datasets.
     cfg.INTL.DATA_ROOT = ""
     # Extra COCO-json datasets: a list of [name, json_file, image_root]; relative paths are taken from
-    # the current directory. The embedded synthetic set is registered this way.
+    # the current directory, else the repository root. The embedded synthetic set is registered this way.
     cfg.INTL.COCO_JSON_SETS = []
     return cfg
 

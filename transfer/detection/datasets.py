@@ -7,7 +7,7 @@ Three kinds of dataset names may appear in ``DATASETS.TRAIN`` / ``DATASETS.TEST`
   layout (``coco/train2017``, ``coco/annotations/instances_*2017.json``, ``VOC2007/``, ``VOC2012/``).
   The root is ``INTL.DATA_ROOT``, else ``$DETECTRON2_DATASETS``, else ``./datasets``.
 - any COCO-json set listed in ``INTL.COCO_JSON_SETS`` as ``[name, json_file, image_root]`` (the embedded
-  synthetic set is one).
+  synthetic set is one); relative paths are taken from the current directory, else the repository root.
 - any other name already in detectron2's DatasetCatalog (used as it is; its files are not checked).
 """
 
@@ -26,6 +26,7 @@ from detectron2.data.datasets.pascal_voc import register_pascal_voc
 
 from transfer.detection.config import DetectionSetupError
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _VOC_NAME = re.compile(r"^voc_(2007|2012)_(train|val|trainval|test)$")
 
 
@@ -64,8 +65,17 @@ def _json_sets(cfg) -> dict[str, tuple[Path, Path]]:
             raise DetectionSetupError(f"INTL.COCO_JSON_SETS entries must be [name, json_file, image_root], got {entry!r}; "
                                       "fix: e.g. INTL.COCO_JSON_SETS \"[['shapes_train', 'd/instances_train.json', 'd']]\"")
         name, json_file, image_root = (str(x) for x in entry)
-        sets[name] = (Path(json_file).expanduser().absolute(), Path(image_root).expanduser().absolute())
+        sets[name] = (_resolve(json_file), _resolve(image_root))
     return sets
+
+
+def _resolve(path: str) -> Path:
+    """Absolute path; a relative one is taken from the current directory, else from the repository root
+    (so configs/detection/synthetic_R_50_C4.yaml's data/synthetic/... works from anywhere)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists():
+        return p.absolute()
+    return REPO_ROOT / p
 
 
 def dataset_specs(cfg) -> list[DatasetSpec]:

@@ -55,14 +55,17 @@ def check_weights_file(cfg) -> None:
                                   "`intl-convert CHECKPOINT OUT.pkl` and pass OUT.pkl, or MODEL.WEIGHTS \"\" for random init")
 
 
-def preflight(config_file: str | os.PathLike, opts=()):
-    """What the launcher checks before queueing: the config loads, dataset files and the weights file exist.
+def preflight(config_file: str | os.PathLike, opts=(), world_size: int | None = None):
+    """What the launcher checks before queueing: the config loads, dataset files and the weights file exist,
+    and (when ``world_size`` is given) the global batch divides into it.
 
     Returns the loaded config (not adjusted for a world size); raises DetectionSetupError otherwise.
     """
     cfg = load_config(config_file, opts)
     check_dataset_files(cfg)
     check_weights_file(cfg)
+    if world_size is not None:
+        adjust_for_run(cfg.clone(), list(opts), world_size, torch.cuda.is_available())
     return cfg
 
 
