@@ -4,7 +4,8 @@ Baseline: the reference code's way (``benchmarks.baselines``: full-size PIL deco
 transforms, one Compose per view). Candidate: ``pretrain.augment.build_view_transform`` fed the way
 ``pretrain.data.RobustImageFolder`` feeds it (an opened, not yet decoded file). Same files, same
 process, one thread (per-core numbers), variants interleaved every 8 images. Cases: the paper's 2 views (Table 4) and
-the 6-crop multi-crop (Table 5), at the paper's crop sizes.
+the 6-crop multi-crop (Table 5), at the paper's crop sizes; and the whole DataLoader (2 workers) of the
+2-view case, reference set-up against ours.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from benchmarks.baselines import pil_loader, reference_view_pipeline
-from benchmarks.common import Row
+from benchmarks.common import Row, interleaved
 from benchmarks.images import write_imagenet_like
 from pretrain.augment import build_view_transform
 
@@ -81,4 +82,48 @@ def run(quick: bool = False, warmup: int = 1, repeats: int = 5, num_images: int 
             rows.append(Row(NAME, case, name, "img/s/core", [len(paths) / t for t in ts],
                             baseline=None if name == base else base, higher_is_better=True,
                             extra={"images": len(paths), "avg_jpeg_kb": round(avg_kb, 1), "views": len(fast.sizes)}))
+    rows += loader_case(paths, cases, warmup, repeats, workers=2, batch=2 if quick else 16, log=log)
     return rows
+
+
+def loader_case(paths, cases, warmup, repeats, workers, batch, log=print) -> list[Row]:
+    """Whole DataLoader, ``workers`` worker processes: the reference set-up (torchvision ImageFolder,
+    reference views, DataLoader defaults of the reference code) against ``RobustImageFolder`` +
+    ``build_view_transform`` + ``pretrain.data.dataloader_defaults`` (persistent workers, one thread per
+    worker, prefetch 4). Throughput of the whole machine, not per core; one pass = one epoch."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from pretrain.data import RobustImageFolder, dataloader_defaults
+
+    root = paths[0].parent / "as_imagefolder"
+    (root / "class0").mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        link = root / "class0" / p.name
+        if not link.exists():
+            link.symlink_to(p)
+    case, cfg = next(iter(cases.items()))
+    ref_loader = DataLoader(ImageFolder(str(root), transform=reference_view_pipeline(cfg)), batch_size=batch,
+                            shuffle=False, drop_last=True, num_workers=workers, pin_memory=torch.cuda.is_available())
+    fast_loader = DataLoader(RobustImageFolder(root, transform=build_view_transform(cfg)), batch_size=batch,
+                             shuffle=False, drop_last=True, **dataloader_defaults(workers))
+
+    def epoch(loader):
+        def run():
+            n = 0
+            for views, _ in loader:
+                n += views[0].shape[0]
+            return n
+        return run
+
+    fns = {"reference ImageFolder + DataLoader": epoch(ref_loader),
+           "RobustImageFolder + pretrain.augment + dataloader_defaults": epoch(fast_loader)}
+    lcase = f"{case}, DataLoader {workers} workers batch {batch}"
+    log(f"[pipeline] {lcase}: {repeats} epochs of {len(paths)} images per variant")
+    times = interleaved(fns, warmup, repeats, progress=lambda m: log(f"[pipeline] {lcase}: {m}"))
+    images = (len(paths) // batch) * batch
+    base = next(iter(fns))
+    return [Row(NAME, lcase, name, "img/s (whole loader)", [images / t for t in ts],
+                baseline=None if name == base else base, higher_is_better=True, extra={"workers": workers})
+            for name, ts in times.items()]
