@@ -102,13 +102,15 @@ def test_skip_counter_is_shared_across_dataloader_workers(tmp_path):
     assert ds.num_skipped == 2  # counted inside the worker processes, read in the parent
 
 
-def test_lazy_decode_gets_rgb_from_grayscale_and_palette_files(tmp_path):
+def test_lazy_decode_gets_rgb_from_grayscale_palette_and_cmyk_files(tmp_path):
     root = tmp_path / "modes"
     (root / "c").mkdir(parents=True)
     Image.fromarray(np.full((40, 40), 77, np.uint8), "L").save(root / "c" / "gray.jpg")
     Image.fromarray(np.full((40, 40, 3), 120, np.uint8)).convert("P").save(root / "c" / "pal.png")
+    Image.fromarray(np.full((400, 400, 3), 90, np.uint8)).convert("CMYK").save(root / "c" / "cmyk.jpg")  # ImageNet has some
     ds = RobustImageFolder(root, transform=build_view_transform({"preset": "synthetic"}))
-    for i in range(2):
+    assert len(ds) == 3
+    for i in range(3):
         views, _ = ds[i]
         assert [v.shape for v in views] == [(3, 32, 32), (3, 32, 32)]
         assert all(torch.isfinite(v).all() for v in views)
