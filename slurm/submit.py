@@ -378,13 +378,19 @@ def wait_for(jobs: list) -> int:
     poll_s = float(os.environ.get(POLL_ENV, "5"))
     followers = [LogFollower([j.paths.stdout, j.paths.stderr], prefix=f"[{j.job_id} rank0] ") for j in jobs]
     states = {j.job_id: None for j in jobs}
+    gone = {j.job_id: 0 for j in jobs}  # polls in a row a Slurm job was no longer in the queue
     start = time.time()
     print(f"submit: waiting for {len(jobs)} job(s) (Ctrl-C stops waiting)", flush=True)
     while True:
         all_done = True
         for job, follower in zip(jobs, followers):
             follower.poll()
-            done = job.done(force_check=True) and not _still_in_slurm_queue(job)
+            queued = _slurm_queue_state(job)
+            gone[job.job_id] = gone[job.job_id] + 1 if queued is False else 0
+            # Slurm: the result files exist and the scheduler has let the job go (so the next command sees
+            # the run as it is), or the job left the queue without results (killed, cancelled; without
+            # accounting submitit alone would wait for them forever).
+            done = (job.done(force_check=True) and queued is not True) or gone[job.job_id] >= 3
             state = job.state
             if state != states[job.job_id]:
                 states[job.job_id] = state
@@ -396,6 +402,13 @@ def wait_for(jobs: list) -> int:
     failures = 0
     for job, follower in zip(jobs, followers):
         follower.poll(final=True)
+        missing = [k for k in range(job.num_tasks) if not _task_paths(job, k).result_pickle.exists()]
+        if missing:
+            failures += 1
+            print(f"submit: job {job.job_id} FAILED ({job.state}): it ended without a result from task(s) {missing} "
+                  "(killed, cancelled, out of memory or time?)", file=sys.stderr)
+            print(f"submit:   logs: {job.paths.stdout} and {job.paths.stderr}", file=sys.stderr)
+            continue
         try:
             results = job.results()
         except Exception as e:  # noqa: BLE001 - submitit re-raises the job's own exception; report, exit 1
@@ -409,19 +422,26 @@ def wait_for(jobs: list) -> int:
     return 1 if failures else 0
 
 
-def _still_in_slurm_queue(job) -> bool:
-    """A Slurm job whose result files exist can still be tearing down its step (RUNNING/COMPLETING);
-    --wait returns only once the scheduler has let it go, so a next command sees the run as it is."""
+def _task_paths(job, task: int):
+    return job.paths if job.num_tasks == 1 else job.task(task).paths
+
+
+def _slurm_queue_state(job) -> bool | None:
+    """True while Slurm still lists the job (pending, running, completing), False once it does not,
+    None when unknown (not a Slurm job, or squeue failed)."""
     import submitit
 
     if not isinstance(job, submitit.SlurmJob):
-        return False
+        return None
     try:
         out = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True,
                              timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and bool(out.stdout.strip())
+        return None
+    if out.returncode != 0:
+        # squeue -j on a job the controller has already purged fails with "Invalid job id".
+        return False if "Invalid job id" in out.stderr else None
+    return bool(out.stdout.strip())
 
 
 def _job_error(e: Exception) -> str:

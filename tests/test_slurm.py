@@ -196,3 +196,18 @@ def test_example_sbatch_script_runs_a_stage_without_the_cli(counter_env, tmp_pat
     assert "job " in out and ": counter on 1 node(s), 2 task(s)" in out
     assert "rank 0 of world size 2" in out and "rank 1 of world size 2" in out and "counter: step 2/2" in out
     assert json.loads((counter_env / "results.json").read_text())["world_size"] == 2
+
+
+def test_wait_reports_a_job_killed_without_results(counter_env, capsys):
+    import submitit
+
+    from slurm.submit import wait_for
+
+    run = counter_env
+    assert main(["counter", "--cluster", "slurm", "--gpus", "2", "--time", "10", "steps=60", "step_seconds=0.5"]) == 0
+    job = _job_id(run)
+    _wait_for_step(run, 1)
+    subprocess.run(["scancel", job], check=True)
+    assert wait_for([submitit.SlurmJob(folder=run / "submitit", job_id=job, tasks=[0, 1])]) == 1
+    err = capsys.readouterr().err
+    assert f"job {job} FAILED" in err and "ended without a result" in err
