@@ -299,6 +299,9 @@ def build_model(cfg: DictConfig, num_classes: int | None) -> LoadedBackbone:
     else:
         arch, small_stem = cfg.model.arch, bool(cfg.model.small_stem)
         log.info("backbone: %s%s at random initialisation (the baseline)", arch, " (small stem)" if small_stem else "")
+    # Seeded, so that a random initialisation (the baseline) is the same in every process and every run
+    # (k-NN has no DDP broadcast to align the ranks).
+    torch.manual_seed(int(cfg.seed))
     model = build_resnet(arch, small_stem=small_stem)
     dim = model.feature_dim  # from the architecture, never hard-coded
     expected_missing: set[str] = set()
