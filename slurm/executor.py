@@ -150,6 +150,9 @@ def partition_info(partition: str | None) -> PartitionInfo | None:
 def check_against_partition(res: Resources, info: PartitionInfo | None) -> None:
     if info is None:
         return
+    if info.max_gpus_per_node == 0:
+        raise SubmitError(f"the nodes of partition {info.name!r} have no GPUs (no gpu gres), and submit asks for "
+                          f"{res.gpus} per node; fix: --partition <a GPU partition> (sinfo -o '%P %G' lists them)")
     if res.gpus > info.max_gpus_per_node:
         raise SubmitError(f"--gpus {res.gpus} per node, but the nodes of partition {info.name!r} offer at most "
                           f"{info.max_gpus_per_node} GPU(s); fix: --gpus {max(info.max_gpus_per_node, 1)} "

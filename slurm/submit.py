@@ -39,7 +39,7 @@ POLL_ENV = "INTL_SUBMIT_POLL_S"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="submit", description=__doc__.split("\n\n")[0].strip("`"),
+        prog="submit", description="Run a pipeline stage on Slurm or as local processes, one task per GPU.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Stages: pretrain, linear, semi, knn (Hydra key=value overrides), detection (detectron2 KEY VALUE "
                "overrides, --config-file, --seeds). Put overrides that start with '-' after '--'.")

@@ -108,6 +108,8 @@ def test_gpus_beyond_partition_is_refused():
     executor.check_against_partition(executor.Resources("slurm", nodes=1, gpus=2), info)
     with pytest.raises(SubmitError, match="offer at most 2 GPU"):
         executor.check_against_partition(executor.Resources("slurm", nodes=1, gpus=4), info)
+    with pytest.raises(SubmitError, match="have no GPUs"):
+        executor.check_against_partition(executor.Resources("slurm", gpus=1), executor.PartitionInfo("cpu", 4, 0))
     with pytest.raises(SubmitError, match="has 1 node"):
         executor.check_against_partition(executor.Resources("slurm", nodes=2, gpus=1), info)
 
