@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import SubmitError
-from .executor import (CLUSTERS, DEFAULT_TIME_MIN, LOCAL, SLURM, Resources, check_against_partition,
+from .executor import (CLUSTERS, DEFAULT_TIME_MIN, SLURM, Resources, check_against_partition,
                        check_slurm_reachable, local_parameters, make_executor, partition_info, render_sbatch,
                        resolve_cluster, validate)
 from .runs import (COMPLETE, NEW, RESUME, SUBMITIT_DIR, RunState, active_jobs, check_writable, next_free_dir,
