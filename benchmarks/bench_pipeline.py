@@ -102,7 +102,10 @@ def loader_case(paths, cases, warmup, repeats, workers, batch, log=print) -> lis
     for p in paths:
         link = root / "class0" / p.name
         if not link.exists():
-            link.symlink_to(p)
+            try:
+                link.symlink_to(p)
+            except FileExistsError:  # another run made it meanwhile
+                pass
     case, cfg = next(iter(cases.items()))
     ref_loader = DataLoader(ImageFolder(str(root), transform=reference_view_pipeline(cfg)), batch_size=batch,
                             shuffle=False, drop_last=True, num_workers=workers, pin_memory=torch.cuda.is_available())

@@ -9,6 +9,7 @@ subsampling like most camera / ImageNet JPEGs (~50-120 KB each).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ def write_imagenet_like(out: str | Path, n: int, seed: int = 0, quality: int = 9
         if not path.exists():
             rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
             w, h = sizes[i % len(sizes)]
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: concurrent runs share the cache
             photo_like(rng, w, h).save(tmp, "JPEG", quality=quality, subsampling="4:2:0")
             tmp.replace(path)
         paths.append(path)
