@@ -56,7 +56,12 @@ def add_ratios(rows: list[Row]) -> list[Row]:
 def interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
                 progress: Callable[[str], None] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each function: ``warmup`` untimed rounds, then ``repeats`` timed rounds,
-    each round calling every function once in turn."""
+    each round calling every function once in turn.
+
+    Not ``torch.utils.benchmark.Timer``: it times one statement after the other, and on a machine shared
+    with other jobs the load changes between them; alternating the variants round by round keeps the
+    ratio fair. Wall-clock ``perf_counter`` is what Timer uses on CPU as well.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -74,6 +79,7 @@ def interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
 
 
 # ---------------------------------------------------------------------------------------------- memory
+# The kernel's own high-water mark (VmHWM), resettable per variant; psutil has no portable peak RSS.
 def reset_peak_rss() -> bool:
     """Resets the kernel's peak-RSS mark of this process (Linux: write 5 to clear_refs); False if not possible."""
     try:
