@@ -78,7 +78,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         world = dist.get_world_size()
         dims = [0] + list(range(2, x.dim()))
         count = x.numel() // x.shape[1] * world
-        xf = x.float()
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # fp16/bf16: stats in fp32
         mean = all_reduce(xf.sum(dim=dims)) / count
         shape = [1, -1] + [1] * (x.dim() - 2)
         centred = xf - mean.view(shape)
