@@ -218,7 +218,8 @@ def test_sampled_parameters_match_the_spec(preset):
         frac = np.array([p.box[2] * p.box[3] / (width * height) for p in ps])
         asp = np.array([p.box[3] / p.box[2] for p in ps])
         ref_frac, ref_asp = _spec_crop_samples(rng, n, width, height, (spec.min_scale, spec.max_scale), cfg.ratio)
-        assert frac.min() >= spec.min_scale * 0.97 and frac.max() <= 1.0
+        # the lower end is reached (3000 draws: some land within 5% of min_scale unless the range moved)
+        assert spec.min_scale * 0.97 <= frac.min() <= spec.min_scale * 1.05 and frac.max() <= spec.max_scale * 1.03
         assert stats.ks_2samp(frac, ref_frac).pvalue > 1e-3, f"view {i}: crop areas differ from the spec"
         assert stats.ks_2samp(asp, ref_asp).pvalue > 1e-3, f"view {i}: aspect ratios differ from the spec"
         for p in ps:  # every box lies inside the image
