@@ -87,7 +87,7 @@ def test_fine_tuning_learns_and_evaluates_with_coco_evaluator(experiment):
         last = sum(r["total_loss"] for r in rows[-fifth:]) / fifth
         assert last < 0.85 * first, (first, last)
         assert (run / "loss_curve.png").stat().st_size > 5000
-        assert (run / "model_final.pth").is_file()
+        assert (run / "model_final.pth").is_file() and list((run / "tb").glob("events.out.tfevents.*"))
         # the AP comes from COCOEvaluator's predictions on the held-out split (val image ids only)
         preds = json.loads((run / "inference" / "coco_instances_results.json").read_text())
         val_ids = {im["id"] for im in json.loads((experiment["data"] / "coco" / "instances_val.json").read_text())["images"]}

@@ -6,7 +6,7 @@
 ``submit detection`` calls :func:`run_task` once per process (after exporting RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT) with ``output_dir=outputs/detection/<name>/seed<k>``; before
 queueing it calls :func:`preflight` (config, dataset files, weights file). A run folder holds
-detectron2's files (config.yaml, log.txt, metrics.json, TensorBoard events, model_*.pth,
+detectron2's files (config.yaml, log.txt, metrics.json, TensorBoard events in tb/, model_*.pth,
 last_checkpoint, inference/) plus results.json, metrics.jsonl, loss_curve.png and COMPLETE.
 
 Resume semantics: with ``resume`` (the default of run_task, and ``--resume``) a run continues from the

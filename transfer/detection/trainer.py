@@ -133,6 +133,14 @@ class Trainer(DefaultTrainer):
 
         return super().build_hooks() + [LossLog(self.cfg.OUTPUT_DIR, comm.is_main_process())]
 
+    def build_writers(self):
+        """detectron2's default writers (console with ETA, metrics.json), TensorBoard under tb/ like every stage."""
+        from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+        out = self.cfg.OUTPUT_DIR
+        return [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(out, "metrics.json")),
+                TensorboardXWriter(os.path.join(out, "tb"))]
+
     @classmethod
     def build_model(cls, cfg):
         from detectron2.modeling import build_model
