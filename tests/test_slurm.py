@@ -80,63 +80,51 @@ def _wait_for_step(run: Path, step: int, timeout: float = 90) -> int:
     raise AssertionError(f"the job did not reach step {step} in {timeout} s")
 
 
-def test_two_tasks_with_two_gpus_per_node(localhost_slurm, counter_env, capsys):
+def test_two_tasks_requeued_after_a_timeout_signal_resume(localhost_slurm, counter_env, capsys):
+    """2 tasks x 2 fake GPUs through sbatch, interrupted by the signal Slurm sends (`--signal=USR2@<delay>`)
+    before the time limit: submitit calls the job's checkpoint() and requeues it. (Preemption, where Slurm
+    itself requeues the job, is tested with the real pretraining below.)"""
     run = counter_env
-    assert main(["counter", "--cluster", "slurm", "--gpus", "2", "--time", "10", "--wait",
-                 "steps=3", "step_seconds=0.1"]) == 0
-    out = capsys.readouterr().out
-    assert "rank 0 of world size 2" in out and "counter: step 3/3" in out
-    job = _job_id(run)
-    script = next((run / "submitit").glob(f"*{job}*.sh"), None) or next((run / "submitit").glob("*.sh"))
-    assert "#SBATCH --gpus-per-node=2" in script.read_text() and "#SBATCH --ntasks-per-node=2" in script.read_text()
-    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-    assert "gres/gpu=2" in shown and "NumTasks=2" in shown, shown  # the allocation Slurm made
-    assert "JobState=COMPLETED" in shown, shown  # --wait returned once Slurm had finished the job
-    tres = subprocess.run(["sacct", "-j", job, "-n", "-X", "-o", "AllocTRES%80"], capture_output=True,
-                          text=True).stdout
-    assert "gres/gpu=2" in tres, tres  # and what accounting recorded
-    envs = [json.loads((run / f"env_rank{r}.json").read_text()) for r in (0, 1)]
-    assert {e["RANK"] for e in envs} == {"0", "1"} and all(e["WORLD_SIZE"] == "2" for e in envs)
-    assert all(e["SLURM_NTASKS"] == "2" and e["SLURM_JOB_ID"] == job for e in envs)
-    if all((localhost_slurm / "dev" / f"nvidia{i}").is_char_device() for i in (0, 1)):
-        assert all(e["CUDA_VISIBLE_DEVICES"] for e in envs)  # the fake gres was bound to the tasks
-    assert torch.load(run / "last.pth")["step"] == 3
-    assert (run / "COMPLETE").exists()
-    # An unknown partition and more GPUs than the node offers: refused before anything is queued.
-    assert main(["counter", "--cluster", "slurm", "--gpus", "2", "--partition", "nope", "--new"]) == 2
-    assert "Slurm has no partition 'nope'" in capsys.readouterr().err
-    assert main(["counter", "--cluster", "slurm", "--gpus", "4", "--new"]) == 2
+    # Refused before anything is queued: more GPUs than the node has, an unknown partition.
+    assert main(["counter", "--cluster", "slurm", "--gpus", "4"]) == 2
     assert "offer at most 2 GPU" in capsys.readouterr().err
+    assert main(["counter", "--cluster", "slurm", "--gpus", "2", "--partition", "nope"]) == 2
+    assert "Slurm has no partition 'nope'" in capsys.readouterr().err
+    assert not run.exists()
 
-
-@pytest.mark.parametrize("interrupt", ["timeout_signal"])
-def test_interrupted_job_requeues_and_resumes(counter_env, capsys, interrupt):
-    """timeout_signal: what Slurm sends `--signal=USR2@<delay>` before the time limit (submitit calls
-    checkpoint() and requeues); preemption: Slurm itself requeues the job (scontrol requeue; the real
-    pretraining test below does that one)."""
-    run = counter_env
     argv = ["counter", "--cluster", "slurm", "--gpus", "2", "--time", "10", "steps=10", "step_seconds=0.4"]
     assert main(argv) == 0
     job = _job_id(run)
     reached = _wait_for_step(run, 2)
-    if interrupt == "timeout_signal":
-        subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    else:
-        subprocess.run(["scontrol", "requeue", job], check=True)
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "gres/gpu=2" in shown and "NumTasks=2" in shown, shown  # the allocation Slurm made
+    script = next((run / "submitit").glob("*.sh")).read_text()
+    assert "#SBATCH --gpus-per-node=2" in script and "#SBATCH --ntasks-per-node=2" in script
+
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
     capsys.readouterr()
     # The same command with --wait attaches to the queued job instead of submitting another.
     assert main(argv + ["--wait"]) == 0
     out = capsys.readouterr().out
-    assert "waiting for them instead of submitting another" in out
+    assert "waiting for them instead of submitting another" in out and "rank 0 of world size 2" in out
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 10 and results["world_size"] == 2
     assert results["resumed_from"] >= reached  # resumed from its checkpoint, not from scratch
     log = (run / "submitit" / f"{job}_0_log.out").read_text()
     assert f"counter: resumed from step {results['resumed_from']}" in log and "counter: step 10/10" in log
-    assert json.loads((run / "env_rank0.json").read_text())["SLURM_RESTART_COUNT"] == "1"
-    if interrupt == "timeout_signal":
-        assert "Calling checkpoint method" in log and "time-out or preemption signal; requeueing" in log
+    assert "Calling checkpoint method" in log and "time-out or preemption signal; requeueing" in log
     assert torch.load(run / "last.pth")["step"] == 10
+    envs = [json.loads((run / f"env_rank{r}.json").read_text()) for r in (0, 1)]
+    assert {e["RANK"] for e in envs} == {"0", "1"} and all(e["WORLD_SIZE"] == "2" for e in envs)
+    assert all(e["SLURM_NTASKS"] == "2" and e["SLURM_JOB_ID"] == job and e["SLURM_RESTART_COUNT"] == "1"
+               for e in envs)
+    if all((localhost_slurm / "dev" / f"nvidia{i}").is_char_device() for i in (0, 1)):
+        assert all(e["CUDA_VISIBLE_DEVICES"] for e in envs)  # the fake gres was bound to the tasks
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "JobState=COMPLETED" in shown and "Restarts=1" in shown, shown  # --wait returned once Slurm was done
+    tres = subprocess.run(["sacct", "-j", job, "-n", "-X", "-o", "AllocTRES%80"], capture_output=True,
+                          text=True).stdout
+    assert "gres/gpu=2" in tres, tres  # and what accounting recorded
     # Finished: the same command again does nothing and says so.
     assert main(argv + ["--wait"]) == 0
     assert "already complete" in capsys.readouterr().out

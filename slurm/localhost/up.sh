@@ -43,9 +43,16 @@ if [[ $missing -eq 1 ]]; then
   log "installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # policy-rc.d keeps the packages' init scripts from starting system-wide daemons.
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >"$DIR/apt.log" 2>&1 \
-    || { tail -20 "$DIR/apt.log" >&2; die "apt-get install failed (log: $DIR/apt.log)"; }
+  # A policy-rc.d that denies keeps the packages' init scripts from starting system-wide daemons
+  # (munge, mariadb, slurm*) on their default sockets and ports; only this script's private ones run.
+  own_policy=0
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && own_policy=1
+  fi
+  status=0
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >"$DIR/apt.log" 2>&1 || status=$?
+  if [[ $own_policy -eq 1 ]]; then rm -f /usr/sbin/policy-rc.d; fi
+  [[ $status -eq 0 ]] || { tail -20 "$DIR/apt.log" >&2; die "apt-get install failed (log: $DIR/apt.log)"; }
 fi
 export PATH="$PATH:/usr/sbin:/sbin"
 
