@@ -132,21 +132,17 @@ def config_dir(spec: StageSpec | None = None) -> Path:
     """The folder holding the Hydra configs.
 
     Order: the stage's own dir (extra stages), ``$INTL_CONFIGS``, ``configs/`` next to this package (a
-    source checkout or an editable install), a ``configs`` package (an install that ships the YAML as
-    package data), ``<prefix>/share/intl-pipeline/configs`` (data-files install).
+    source checkout, an editable install, or an install shipping the YAML as package data),
+    ``<prefix>/share/intl-pipeline/configs`` (data-files install). Never the current directory.
     """
     if spec is not None and spec.config_dir:
         return Path(spec.config_dir)
     candidates = []
     if os.environ.get(CONFIG_DIR_ENV):
         candidates.append(Path(os.environ[CONFIG_DIR_ENV]))
+    # Next to this package: the repository (checkout, editable install), or site-packages/configs when
+    # the YAML is installed as package data of a top-level ``configs`` package.
     candidates.append(Path(__file__).resolve().parents[1] / "configs")
-    try:
-        found = importlib.util.find_spec("configs")
-        if found is not None and found.submodule_search_locations:
-            candidates.extend(Path(p) for p in found.submodule_search_locations)
-    except (ImportError, ValueError):
-        pass
     candidates.append(Path(sys.prefix) / "share" / "intl-pipeline" / "configs")
     for c in candidates:
         if c.is_dir():
