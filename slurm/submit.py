@@ -225,9 +225,9 @@ def _preflight(spec: StageSpec, *args, **kwargs) -> None:
         if spec.kind == DETECTION:
             check(*args)
         else:
-            from omegaconf import OmegaConf
-
             import inspect
+
+            from omegaconf import OmegaConf
 
             accepted = inspect.signature(check).parameters
             check(OmegaConf.create(args[0]), **{k: v for k, v in kwargs.items() if k in accepted})
@@ -266,7 +266,7 @@ def _submit(args, argv: list[str]) -> int:
               "submitting another")
         return _finish(spec, run_dir, wait_for([_attach(a, run_dir) for a in active]))
     if active:
-        raise SubmitError(f"this run already has a job queued or running: {', '.join(active)}; nothing was "
+        raise SubmitError(f"this run already has a job queued or running: {', '.join(map(str, active))}; nothing was "
                           "submitted; fix: wait for it (or cancel it), or pass --new for a separate run")
     run_dir.mkdir(parents=True, exist_ok=True)
     if spec.kind != DETECTION and plan.state.state == NEW:

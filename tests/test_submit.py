@@ -230,6 +230,19 @@ def test_existing_folder_resumes_and_new_picks_a_free_name(counter_env, capsys):
     assert "new run in" in out and "counter_2" in out and "name: counter_2" in out
 
 
+def test_run_with_a_job_still_running_is_not_submitted_twice(counter_env, capsys):
+    import socket
+
+    run = counter_env / "outputs" / "counter" / "counter"
+    run.mkdir(parents=True)
+    (run / "submissions.jsonl").write_text(json.dumps({"cluster": "local", "host": socket.gethostname(),
+                                                       "job_ids": [str(os.getpid())]}) + "\n")
+    assert main(["counter", "--cluster", "local"]) == 2
+    err = _err(capsys)
+    assert f"already has a job queued or running: {os.getpid()} (local process running)" in err
+    assert len((run / "submissions.jsonl").read_text().splitlines()) == 1
+
+
 # -------------------------------------------------------------------------------- local processes
 @pytest.mark.slow
 def test_local_failure_exits_non_zero(counter_env, capsys):
