@@ -63,9 +63,9 @@ class ModelSchema:
 
 @dataclass
 class DataSchema:
-    root: str = "data/imagenet"       # ImageFolder root holding train_dir and val_dir
-    train_dir: str = "train"
-    val_dir: str = "val"
+    root: str = "data/imagenet"       # dataset root (ImageNet: holds train/ and val/)
+    train_dir: str = "${data.root}/train"  # ImageFolder of the training images (<class>/<image>)
+    val_dir: str = "${data.root}/val"      # ImageFolder of the validation images
     workers: int = 8                  # DataLoader workers per process
     train_crop: int = 224             # RandomResizedCrop size (training)
     min_scale: float = 0.08           # RandomResizedCrop scale lower bound
@@ -180,11 +180,11 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
         _check(s.percent is None or 0 < s.percent <= 100, f"subset.percent must be in (0, 100], got {s.percent}")
     if check_paths:
         for key in ("train_dir", "val_dir"):
-            folder = Path(d.root) / d[key]
-            _check(folder.is_dir(), f"data.root/data.{key} = {str(folder)!r} is not a folder; fix: set data.root to the "
-                                    "dataset root holding <train_dir>/<class>/<image> and <val_dir>/<class>/<image> "
-                                    "(ImageNet layout); for the embedded set run `python -m pretrain.synthetic --out "
-                                    "data/synthetic` and use data.root=data/synthetic/classification")
+            folder = Path(d[key])
+            _check(folder.is_dir(), f"data.{key} = {str(folder)!r} is not a folder; fix: set data.root to the dataset "
+                                    "root holding train/<class>/<image> and val/<class>/<image> (ImageNet layout), or "
+                                    f"data.{key} to the ImageFolder itself; for the embedded set run `python -m "
+                                    "pretrain.synthetic --out data/synthetic` and use data.root=data/synthetic/classification")
         if merged.weights is not None:
             _check(Path(merged.weights).is_file(), f"weights={merged.weights!r} is not a file; fix: pass a pretraining "
                                                    "last.pth, a converted torchvision .pth, or weights=null for random init")
@@ -214,7 +214,7 @@ def eval_transform(d: DictConfig):
 def image_folder(d: DictConfig, split_key: str, transform):
     from pretrain.data import RobustImageFolder
 
-    return RobustImageFolder(Path(d.root) / d[split_key], transform=transform)
+    return RobustImageFolder(Path(d[split_key]), transform=transform)
 
 
 def check_same_classes(train_ds, val_ds) -> None:

@@ -33,7 +33,7 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
 
 def select_subset(cfg: DictConfig, train_ds, run_dir: Path, is_main: bool) -> tuple[list[int], dict]:
     """The indices of the labelled subset in ``train_ds`` and a description for results.json."""
-    root = str(Path(cfg.data.root) / cfg.data.train_dir)
+    root = str(cfg.data.train_dir)
     if cfg.subset.list is not None:
         names = subsets.read_subset_list(cfg.subset.list)
         info = {"list": str(cfg.subset.list), "percent": None}
