@@ -260,6 +260,15 @@ def test_power_transform_guards():
         losses.power_transform(bad, 0.5, "batch")
 
 
+def test_power_transform_reports_a_failed_eigendecomposition(monkeypatch):
+    def failing_eigh(_):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_eigh)
+    with pytest.raises(losses.EighFailure, match=r"failed to converge.*covariance \(12, 12\).*method=intl"):
+        losses.power_transform(_z(30, 12), 0.5, "batch")
+
+
 # ------------------------------------------------------------------------------------------------------
 # FroSSL, Barlow Twins, VICReg
 # ------------------------------------------------------------------------------------------------------
