@@ -32,3 +32,16 @@ bench: venv data
 
 clean-outputs:
 	rm -rf outputs
+
+# A real single-node Slurm on this machine (root, Debian 12); then: export SLURM_CONF=$(SLURM_DIR)/etc/slurm.conf
+SLURM_DIR ?= /tmp/intl-slurm
+.PHONY: slurm-up slurm-down
+slurm-up:
+	bash slurm/localhost/up.sh --install $(SLURM_DIR)
+slurm-down:
+	bash slurm/localhost/down.sh --purge $(SLURM_DIR)
+
+# The paper's 2-D toy (Appendix D.1): power family and IterNorm sweeps, plots + table.
+.PHONY: toylab
+toylab: venv
+	$(PY) -m pretrain.toylab --out outputs/toylab

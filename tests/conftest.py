@@ -7,8 +7,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
-# Two cores: keep each test process on few threads so parallel ranks do not thrash.
-torch.set_num_threads(int(os.environ.get("INTL_TEST_THREADS", "2")))
+# Two cores shared by the test process and the ranks it spawns: one thread each avoids oversubscription.
+torch.set_num_threads(int(os.environ.get("INTL_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
