@@ -160,6 +160,7 @@ def test_knn_stage_one_and_two_processes_agree(tiny_synthetic, tmp_path):
     assert on_disk["n_train"] == 120 and on_disk["n_val"] == 40 and on_disk["feature_dim"] == 512
     assert on_disk["epochs"] == 0 and on_disk["source_checkpoint"] is None
     assert (tmp_path / "one" / "COMPLETE").exists() and any((tmp_path / "one" / "tb").iterdir())
+    assert "weighted k-NN k=20" in (tmp_path / "one" / "results.md").read_text()
     again = knn.run(knn_cfg(tiny_synthetic, tmp_path / "one"))
     assert again["already_complete"] and again["top1"] == res["top1"]
     # Two gloo processes: each extracts its shard, the gathered features give the same votes.

@@ -433,11 +433,33 @@ def finish(run_dir: Path, info: DistInfo, results: dict) -> dict | None:
 
     if info.is_main:
         runlog.write_json(run_dir / "results.json", results)
+        runlog.atomic_write_text(run_dir / "results.md", results_table(results))
         runlog.mark_complete(run_dir, {"top1": results.get("top1"), "top5": results.get("top5")})
         log.info("results: top-1 %.2f  top-5 %.2f -> %s", results.get("top1", float("nan")),
                  results.get("top5", float("nan")), run_dir / "results.json")
     barrier()
     return results if info.is_main else None
+
+
+def results_table(results: dict) -> str:
+    """results.md: the headline numbers as a Markdown table (the full record is results.json)."""
+    rows = [("stage", results.get("stage")), ("source checkpoint", results.get("source_checkpoint") or "random init"),
+            ("encoder", results.get("encoder")), ("arch (feature dim)", f"{results.get('arch')} ({results.get('feature_dim')})"),
+            ("top-1 (%)", f"{results.get('top1', float('nan')):.2f}"), ("top-5 (%)", f"{results.get('top5', float('nan')):.2f}")]
+    if results.get("best_top1") is not None:
+        rows.append(("best top-1 over epochs (%)", f"{results['best_top1']:.2f}"))
+    if results.get("weighted"):
+        w = results["weighted"]
+        rows.append((f"weighted k-NN k={w['k']} top-1 / top-5 (%)", f"{w['top1']:.2f} / {w['top5']:.2f}"))
+    if results.get("k"):
+        rows.append(("k", results["k"]))
+    sub = results.get("subset")
+    if sub:
+        rows.append(("labelled subset", f"{sub.get('list') or str(sub.get('percent')) + '% balanced'} "
+                                        f"({sub.get('n_images')} images)"))
+    rows += [("epochs", results.get("epochs")), ("train / val images", f"{results.get('n_train')} / {results.get('n_val')}"),
+             ("processes", results.get("world_size"))]
+    return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
 def _fmt_time(seconds: float) -> str:
