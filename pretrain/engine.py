@@ -345,7 +345,9 @@ class PretrainEngine:
                     self.save()
                 if last:
                     break
-            if self.step % self.steps_per_epoch == 0 and self.step < self.total_steps:
+            at_epoch_end = self.step % self.steps_per_epoch == 0
+            saved_now = bool(cfg.ckpt_every_steps) and self.step % cfg.ckpt_every_steps == 0
+            if at_epoch_end and not saved_now and self.step < self.total_steps:
                 self.save()  # end of an epoch
 
     def _spectrum(self, z_local: torch.Tensor) -> dict | None:
