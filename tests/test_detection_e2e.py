@@ -16,7 +16,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detection" / "synthetic_R_50_C4.yaml"
-ITERS = 40
+ITERS = 30
 
 
 def make_converted_weights(tmp: Path) -> Path:
@@ -44,7 +44,7 @@ def tiny_opts(data: Path, weights: Path) -> list[str]:
         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(ITERS), "SOLVER.STEPS", f"({ITERS - 5},)",
         "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "1000",
         "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
-        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "6", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "8",
+        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "4", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
         "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "TEST.DETECTIONS_PER_IMAGE", "10", "TEST.PRECISE_BN.NUM_ITER", "2",
     ]
 
@@ -85,7 +85,7 @@ def test_fine_tuning_learns_and_evaluates_with_coco_evaluator(experiment):
         fifth = ITERS // 5
         first = sum(r["total_loss"] for r in rows[:fifth]) / fifth
         last = sum(r["total_loss"] for r in rows[-fifth:]) / fifth
-        assert last < 0.85 * first, (first, last)
+        assert last < 0.8 * first, (first, last)
         assert (run / "loss_curve.png").stat().st_size > 5000
         assert (run / "model_final.pth").is_file() and list((run / "tb").glob("events.out.tfevents.*"))
         # the AP comes from COCOEvaluator's predictions on the held-out split (val image ids only)
