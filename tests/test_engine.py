@@ -329,3 +329,15 @@ def test_completed_run_returns_at_once(tiny_synthetic, tmp_path):
     assert set(ckpt["rng"]) == {"torch", "numpy", "python", "cuda"}
     again = run(cfg)
     assert again["already_complete"] and again["steps"] == 2
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "pretrain.train", f"data.root={tmp_path / 'missing'}",
+                          f"run_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "pretrain: error: data.root/data.split" in res.stderr and "is not a folder" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "run" / LAST_NAME).exists()
