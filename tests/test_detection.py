@@ -244,3 +244,37 @@ def test_preflight_checks_the_batch_against_the_world_size(synthetic_root):
     assert preflight(CONFIGS / "synthetic_R_50_C4.yaml", opts, world_size=2).SOLVER.IMS_PER_BATCH == 4
     with pytest.raises(DetectionSetupError, match="IMS_PER_BATCH=4 is not divisible by the world size 3"):
         preflight(CONFIGS / "synthetic_R_50_C4.yaml", opts, world_size=3)
+
+
+def test_evaluator_scores_ground_truth_as_perfect(synthetic_root, tmp_path):
+    """The evaluator the trainer builds (COCOEvaluator, bbox + segm): AP 100 for the ground truth itself, 0 when
+    every class is wrong."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import annotations_to_instances
+    from detectron2.structures import Instances
+
+    from transfer.detection.datasets import register_datasets
+    from transfer.detection.report import eval_to_results
+    from transfer.detection.trainer import Trainer
+
+    coco = synthetic_root / "coco"
+    cfg = load_config(CONFIGS / "synthetic_R_50_C4.yaml", ["INTL.COCO_JSON_SETS", repr([
+        ["synthetic_coco_train", str(coco / "instances_train.json"), str(coco)],
+        ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]]), "OUTPUT_DIR", str(tmp_path)])
+    register_datasets(cfg)
+    evaluator = Trainer.build_evaluator(cfg, "synthetic_coco_val")
+
+    def evaluate(shift_class: int) -> dict:
+        evaluator.reset()
+        for d in DatasetCatalog.get("synthetic_coco_val"):
+            size = (d["height"], d["width"])
+            gt = annotations_to_instances(d["annotations"], size, mask_format="bitmask")
+            pred = Instances(size, pred_boxes=gt.gt_boxes, scores=torch.ones(len(gt)),
+                             pred_classes=(gt.gt_classes + shift_class) % 3, pred_masks=gt.gt_masks.tensor)
+            evaluator.process([{"image_id": d["image_id"]}], [{"instances": pred}])
+        return eval_to_results(evaluator.evaluate())
+
+    perfect, wrong_class = evaluate(0), evaluate(1)
+    for task in ("bbox", "segm"):
+        assert perfect[task]["AP50"] == pytest.approx(100.0) and perfect[task]["AP"] > 95.0, perfect[task]
+        assert wrong_class[task]["AP50"] == pytest.approx(0.0), wrong_class[task]
