@@ -278,3 +278,24 @@ def test_evaluator_scores_ground_truth_as_perfect(synthetic_root, tmp_path):
     for task in ("bbox", "segm"):
         assert perfect[task]["AP50"] == pytest.approx(100.0) and perfect[task]["AP"] > 95.0, perfect[task]
         assert wrong_class[task]["AP50"] == pytest.approx(0.0), wrong_class[task]
+
+
+def test_trainer_hooks_cap_checkpoints_and_log_every_loss(tmp_path, synthetic_root):
+    from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer, PreciseBN
+
+    from transfer.detection.datasets import register_datasets
+    from transfer.detection.trainer import LossLog, Trainer
+
+    assert load_config(CONFIGS / "coco_R_50_C4_1x.yaml").INTL.MAX_CHECKPOINTS_TO_KEEP == 2
+    coco = synthetic_root / "coco"
+    cfg = load_config(CONFIGS / "synthetic_R_50_C4.yaml", [
+        "INTL.COCO_JSON_SETS", repr([["synthetic_coco_train", str(coco / "instances_train.json"), str(coco)],
+                                     ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]]),
+        "INTL.MAX_CHECKPOINTS_TO_KEEP", "3", "OUTPUT_DIR", str(tmp_path)])
+    adjust_for_run(cfg, [], world_size=1, cuda=False)
+    register_datasets(cfg)
+    trainer = Trainer(cfg)
+    kinds = {type(h): h for h in trainer._hooks}
+    assert kinds[PeriodicCheckpointer].max_to_keep == 3
+    assert PreciseBN in kinds and EvalHook in kinds and isinstance(trainer._hooks[-1], LossLog)
+    assert type(trainer._trainer).__name__ == "CPUAutocastTrainer"  # SOLVER.AMP on CPU: bf16 autocast

@@ -41,6 +41,9 @@ def add_intl_config(cfg: CN) -> CN:
     # Extra COCO-json datasets: a list of [name, json_file, image_root]; relative paths are taken from
     # the current directory, else the repository root. The embedded synthetic set is registered this way.
     cfg.INTL.COCO_JSON_SETS = []
+    # Periodic model_XXXXXXX.pth files kept (older ones deleted; model_final.pth always stays). A 1x run
+    # checkpoints every 5000 iterations, about 280 MB each; 0 keeps them all.
+    cfg.INTL.MAX_CHECKPOINTS_TO_KEEP = 2
     return cfg
 
 

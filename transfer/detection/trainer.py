@@ -129,9 +129,15 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
+        from detectron2.engine.hooks import PeriodicCheckpointer
         from detectron2.utils import comm
 
-        return super().build_hooks() + [LossLog(self.cfg.OUTPUT_DIR, comm.is_main_process())]
+        ret = super().build_hooks()
+        keep = int(self.cfg.INTL.MAX_CHECKPOINTS_TO_KEEP)
+        for h in ret:
+            if isinstance(h, PeriodicCheckpointer) and keep > 0:
+                h.max_to_keep = keep  # fvcore's own option; DefaultTrainer keeps every periodic checkpoint
+        return ret + [LossLog(self.cfg.OUTPUT_DIR, comm.is_main_process())]
 
     def build_writers(self):
         """detectron2's default writers (console with ETA, metrics.json), TensorBoard under tb/ like every stage."""
