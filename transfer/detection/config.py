@@ -12,13 +12,11 @@ actually happens is decided here, at start, and printed:
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-logger = logging.getLogger("transfer.detection")
 
 # The first key of configs/detection/Base-RCNN-C4-BN.yaml: plain detectron2 rejects it by this name.
 MARKER_KEY = "REQUIRES_transfer_detection_train_net"
