@@ -20,8 +20,8 @@ and trains to the end of the schedule:
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -282,8 +282,6 @@ class PretrainEngine:
         rows = runlog.read_metrics(self.run_dir)
         keep = [r for r in rows if r.get("step", 0) <= step]
         if len(keep) != len(rows):
-            import json
-
             runlog.atomic_write_text(self.run_dir / "metrics.jsonl",
                                      "".join(json.dumps(r) + "\n" for r in keep))
 
