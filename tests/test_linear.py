@@ -122,6 +122,9 @@ def pretrained_checkpoint(synthetic_root, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_linear_pretrained_beats_random_init(synthetic_root, pretrained_checkpoint, tmp_path):
     # The synthetic preset on the embedded set (1000 train / 250 val), a short schedule: 4 epochs x 15 steps.
+    # Measured 2026-11-22 (engine at 16e8d2d): pretrained 16.0 vs random init 13.6 top-1, so this FAILS today:
+    # the demo pretraining does not yet learn shape features in 80 steps (k-NN 10.4 vs 14.4; even the full
+    # 300-step demo preset reaches only k-NN 16.8 / linear 17.2). The threshold is the "clearly higher".
     short = ("eval/linear=synthetic", f"data.root={synthetic_root / 'classification'}", "optim.epochs=4",
              "optim.milestones=[3]", "train.eval_every=4", "train.log_every=15")
     pre = linear.run(compose_config("linear", [*short, f"run_dir={tmp_path / 'pre'}", f"weights={pretrained_checkpoint}"]))
