@@ -372,8 +372,8 @@ class PretrainEngine:
         loss_txt = " ".join(f"{k} {parts[k]:.4f}" for k in ("loss", "align", "trace") if k in parts)
         extra = f" m {momentum:.5f}" if momentum is not None else ""
         spec = f" erank {spectrum['effective_rank']:.1f} lgIoC {spectrum['lg_ioc']:.2f}" if spectrum else ""
-        log.info("ep %d/%d step %d/%d %s lr %.4g%s%s | %.1f img/s | ETA %s", self.step // self.steps_per_epoch,
-                 self.total_steps // self.steps_per_epoch, self.step, self.total_steps, loss_txt, lr, extra, spec,
+        log.info("epoch %.2f/%.2f step %d/%d %s lr %.4g%s%s | %.1f img/s | ETA %s", self.step / self.steps_per_epoch,
+                 self.total_steps / self.steps_per_epoch, self.step, self.total_steps, loss_txt, lr, extra, spec,
                  ips, _fmt_time(eta))
 
     def _on_nonfinite(self, res: StepOutput, lr: float, consecutive: int) -> None:
