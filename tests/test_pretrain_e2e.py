@@ -119,9 +119,14 @@ def test_short_pretraining_beats_random_init_on_knn(synthetic_root, tmp_path):
     from pretrain.backbones import build_resnet
     from pretrain.train import run
 
-    cfg = compose_pretrain(["pretrain/preset=synthetic", f"run_dir={tmp_path / 'syn'}", "train.max_steps=150",
+    cfg = compose_pretrain(["pretrain/preset=synthetic", f"run_dir={tmp_path / 'syn'}", "train.max_steps=200",
                             f"data.root={synthetic_root / 'classification'}"])
-    summary = run(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the set-up of the measurement quoted below (bit-for-bit the same run)
+    try:
+        summary = run(cfg)
+    finally:
+        torch.set_num_threads(threads)
     size = cfg.data.augment.views[0].size
     torch.manual_seed(cfg.seed)  # the same initial weights as the pretraining started from
     random_init = build_resnet(cfg.model.arch)
@@ -132,4 +137,5 @@ def test_short_pretraining_beats_random_init_on_knn(synthetic_root, tmp_path):
     acc_random, acc_trained = _knn_top1(random_init, cls, size), _knn_top1(trained, cls, size)
     print(f"k-NN top-1 on the synthetic val set: random init {acc_random:.1f}%, after {summary['steps']} steps "
           f"{acc_trained:.1f}% (effective rank {summary['effective_rank']:.1f})")
-    assert acc_trained >= acc_random + 5.0  # measured: 200 steps 18.8% vs 10.8% (chance 10%)
+    # measured here: 18.8% after 200 steps vs 10.8% random init (chance 10%); 150 steps gave only 13.2%
+    assert acc_trained >= acc_random + 5.0
