@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -12,18 +11,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pretrain.atomic import atomic_path  # noqa: E402
+
 
 def _save(fig, path: Path) -> Path:
-    """Writes the figure atomically (temporary file + rename), like every other output of a run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    """Writes the figure atomically (pretrain.atomic), like every other output of a run."""
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -44,7 +41,8 @@ def plot_spectrum(rows: Sequence[dict], path: str | os.PathLike, max_curves: int
         label = f"step {r['step']}"
         if "effective_rank" in r and "lg_ioc" in r:
             label += f" (erank {r['effective_rank']:.1f}, lgIoC {r['lg_ioc']:.2f})"
-        ax.plot(range(1, len(eigs) + 1), eigs, lw=2.2 if last else 1.0, alpha=1.0 if last else 0.6, label=label)
+        index = r.get("spectrum_index") or range(1, len(eigs) + 1)  # subsampled spectra carry their indices
+        ax.plot(index, eigs, lw=2.2 if last else 1.0, alpha=1.0 if last else 0.6, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue index (sorted)")
     ax.set_ylabel("eigenvalue of the embedding covariance")
