@@ -6,7 +6,7 @@ The engine builds the objective once::
     out = objective(online_projections, target=momentum_projection_of_crop0 or None)
     out["loss"].backward()
 
-``cfg.method`` is one file of ``configs/pretrain/method/`` (``method=<name>`` on the command line): a
+``cfg.method`` is one file of ``configs/method/`` (``method=<name>`` on the command line): a
 ``name`` plus that method's keys. Unknown names or keys raise ``ValueError`` listing the valid ones.
 
 Views and the EMA target

@@ -2,7 +2,7 @@
 ``python -m pretrain.train key=value ...`` (Hydra main, one process or under torchrun-style variables).
 
 Config: ``configs/pretrain.yaml`` with the groups of ``configs/pretrain/`` (data, model, method, optim,
-preset). Choose a group option with ``pretrain/<group>=<option>`` (``pretrain/method@method=<name>``
+preset). Choose a group option with ``pretrain/<group>=<option>`` (``method=<name>``
 for the method group), a paper preset with ``pretrain/preset=<name>``, values with ``key=value``::
 
     python -m pretrain.train pretrain/preset=synthetic
@@ -135,7 +135,7 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
     _check(t.spectrum_every >= 0 and t.ckpt_every_steps >= 0, "train.spectrum_every and train.ckpt_every_steps must be >= 0")
     _check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be null or >= 1, got {t.max_steps}")
     _check(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
-    _check(isinstance(merged.method.get("name"), str), "method needs a name (choose with pretrain/method@method=<name>)")
+    _check(isinstance(merged.method.get("name"), str), "method needs a name (choose with method=<name>)")
     if check_paths and d.kind == "imagefolder":
         folder = Path(d.root) / d.split if d.split else Path(d.root)
         _check(folder.is_dir(), f"data.root/data.split = {str(folder)!r} is not a folder; fix: set data.root to the "

@@ -191,10 +191,10 @@ def test_data_configs_mirror_the_augmentation_presets():
 def test_every_method_config_composes_and_builds():
     from pretrain.methods import build_method
 
-    names = sorted(p.stem for p in (CONFIGS / "pretrain" / "method").glob("*.yaml"))
+    names = sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml"))
     assert "intl" in names
     for name in names:
-        cfg = compose_pretrain([f"pretrain/method@method={name}"])
+        cfg = compose_pretrain([f"method={name}"])
         assert cfg.method.name == name
         build_method(cfg.method, global_batch=64, world_size=2)
 

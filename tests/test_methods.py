@@ -15,7 +15,7 @@ from pretrain import losses
 from pretrain.methods import METHODS, build_method
 
 ROOT = Path(__file__).resolve().parents[1]
-METHOD_DIR = ROOT / "configs" / "pretrain" / "method"
+METHOD_DIR = ROOT / "configs" / "method"
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,7 @@ def _views(n, m=16, d=12, seed=0, dtype=torch.float64):
 # ------------------------------------------------------------------------------------------------------
 def test_every_method_has_a_config_file_with_exactly_its_keys_and_defaults():
     files = {p.stem: p for p in METHOD_DIR.glob("*.yaml")}
-    assert set(files) == set(METHODS), "one configs/pretrain/method/<name>.yaml per registered method"
+    assert set(files) == set(METHODS), "one configs/method/<name>.yaml per registered method"
     for name, path in files.items():
         cfg = OmegaConf.load(path)
         assert cfg.name == name
