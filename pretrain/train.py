@@ -136,6 +136,12 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
     _check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be null or >= 1, got {t.max_steps}")
     _check(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
     _check(isinstance(merged.method.get("name"), str), "method needs a name (choose with method=<name>)")
+    try:  # the method's own keys and values, checked by the registry that builds it (before anything is queued)
+        from pretrain.methods import build_method
+
+        build_method(merged.method, global_batch=o.batch_size, world_size=world_size)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(str(e)) from None
     if check_paths and d.kind == "imagefolder":
         folder = Path(d.root) / d.split if d.split else Path(d.root)
         _check(folder.is_dir(), f"data.root/data.split = {str(folder)!r} is not a folder; fix: set data.root to the "

@@ -179,7 +179,7 @@ def _plan_detection(spec: StageSpec, args) -> Plan:
         if reserved in keys:
             raise SubmitError(f"{reserved} is set by the launcher (outputs/detection/<name>/seed<k>); "
                               f"fix: drop it and use {how}")
-    _preflight(spec, str(config_file), opts)
+    _preflight(spec, str(config_file), opts, world_size=args.nodes * args.gpus)
     name = args.name or config_file.stem
     run_dir = _absolute(str(Path("outputs") / "detection" / name))
     if args.new and run_state(run_dir).state != NEW:
@@ -222,15 +222,16 @@ def _preflight(spec: StageSpec, *args, **kwargs) -> None:
     if check is None:
         return
     try:
-        if spec.kind == DETECTION:
-            check(*args)
-        else:
-            import inspect
+        import inspect
 
+        accepted = inspect.signature(check).parameters
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        if spec.kind == DETECTION:
+            check(*args, **kwargs)
+        else:
             from omegaconf import OmegaConf
 
-            accepted = inspect.signature(check).parameters
-            check(OmegaConf.create(args[0]), **{k: v for k, v in kwargs.items() if k in accepted})
+            check(OmegaConf.create(args[0]), **kwargs)
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         raise SubmitError(f"the {spec.name} stage rejects this setup: {e}") from None
 

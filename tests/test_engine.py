@@ -223,6 +223,11 @@ def test_unknown_key_or_bad_value_fails_at_start_with_the_fix(tmp_path):
         validate_config(bad({"data": {"root": str(tmp_path / "nope")}}))
     with pytest.raises(ConfigError, match="model.arch='resnet5'"):
         validate_config(bad({"model": {"arch": "resnet5"}}), check_paths=False)
+    # The method's own keys and values too, before anything is queued.
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['iter'\] for method=intl"):
+        validate_config(bad({"method": {"iter": 4}}), check_paths=False)
+    with pytest.raises(ConfigError, match="iters"):
+        validate_config(bad({"method": {"iters": 0}}), check_paths=False)
     # A typo on the command line already fails when Hydra composes the config.
     with pytest.raises(ConfigCompositionException, match="batchsize"):
         compose_pretrain(["optim.batchsize=3"])

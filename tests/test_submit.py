@@ -333,3 +333,15 @@ def test_detection_seeds_run_and_aggregate(fakedet_env, capsys):
     assert "Detection: exp" in capsys.readouterr().out  # the aggregated table is printed
     assert main(argv) == 0  # every seed complete: nothing is submitted again
     assert "all 2 seed folders are COMPLETE" in capsys.readouterr().out
+
+
+def test_real_detection_stage_checks_the_batch_against_the_world_size_before_queueing(synthetic_root, capsys,
+                                                                                       monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)  # the synthetic config's dataset paths are relative to the repository
+    config = ROOT / "configs" / "detection" / "synthetic_R_50_C4.yaml"  # SOLVER.IMS_PER_BATCH 4
+    argv = ["detection", "--cluster", "local", "--gpus", "3", "--dry-run", "--name", "world_size_check",
+            "--config-file", str(config)]
+    assert main(argv) == 2
+    assert "SOLVER.IMS_PER_BATCH=4 is not divisible by the world size 3" in _err(capsys)
+    argv[4] = "2"
+    assert main(argv) == 0
