@@ -30,3 +30,19 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     generate(root, SyntheticSpec(cls_size=32, cls_train_per_class=12, cls_val_per_class=4,
                                  det_size=96, det_train_images=8, det_val_images=4))
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_pretraining(synthetic_root, tmp_path_factory):
+    """A short INTL pretraining by the engine, shared by the slow "pretrained beats random init" tests: the
+    synthetic preset (ResNet-18, 32-px views of the embedded set, batch 64) cut at 150 steps.
+    Returns (composed config, the run's summary)."""
+    from pretrain.train import run
+    from slurm.stages import compose_config
+
+    run_dir = tmp_path_factory.mktemp("pretrain") / "intl_synthetic"
+    cfg = compose_config("pretrain", ["pretrain/preset=synthetic", f"data.root={synthetic_root / 'classification'}",
+                                      f"run_dir={run_dir}", "train.max_steps=150", "train.spectrum_every=0"])
+    summary = run(cfg)
+    assert summary["steps"] == 150 and (run_dir / "last.pth").is_file()
+    return cfg, summary

@@ -345,3 +345,25 @@ def test_real_detection_stage_checks_the_batch_against_the_world_size_before_que
     assert "SOLVER.IMS_PER_BATCH=4 is not divisible by the world size 3" in _err(capsys)
     argv[4] = "2"
     assert main(argv) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "method")
+                                           .glob("*.yaml") if p.stem != "intl"))
+def test_every_registered_method_trains_through_submit_on_two_processes(method, tiny_synthetic, tmp_path, monkeypatch,
+                                                                        capsys):
+    """Issue 9: `submit pretrain method=<name> --cluster local` for each method beside INTL (INTL: above)."""
+    import math
+
+    from pretrain.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
+    argv = ["pretrain", "--gpus", "2", "--cluster", "local", "--wait", "--name", method, f"method={method}",
+            *stage_fixtures.tiny_pretrain_overrides(tiny_synthetic / "classification", steps=2, ckpt_every=2)]
+    assert main(argv) == 0
+    run = tmp_path / "outputs" / "pretrain" / method
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["step"] == 2 and ckpt["config"]["method"]["name"] == method
+    summary = json.loads((run / "COMPLETE").read_text())
+    assert math.isfinite(summary["final_loss"]) and summary["world_size"] == 2
