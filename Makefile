@@ -42,6 +42,10 @@ slurm-down:
 	bash slurm/localhost/down.sh --purge $(SLURM_DIR)
 
 # The paper's 2-D toy (Appendix D.1): power family and IterNorm sweeps, plots + table.
-.PHONY: toylab
+.PHONY: toylab toylab-images
 toylab: venv
 	$(PY) -m pretrain.toylab --out outputs/toylab
+
+# The same sweep on the embedded image set (short pretrainings, then effective rank, lgIoC, k-NN).
+toylab-images: venv data
+	$(PY) -m pretrain.toylab_images --out outputs/toylab/images $(TOYLAB_ARGS)

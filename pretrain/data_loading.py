@@ -113,9 +113,12 @@ def build_dataset(cfg_data, transform) -> Dataset:
 
 def build_loader(dataset: Dataset, sampler: EpochShardSampler, batch_size: int, workers: int,
                  pin_memory: bool) -> DataLoader:
-    return DataLoader(SeededViews(dataset, sampler.seed), batch_size=batch_size, sampler=sampler,
-                      num_workers=workers, pin_memory=pin_memory, drop_last=True,
-                      persistent_workers=False)
+    """Keys ``(epoch, index)`` come from the sampler in the main process, so persistent workers stay correct
+    across epochs; worker settings are ``pretrain.data.dataloader_defaults`` (the ones the benchmark measures)."""
+    from pretrain.data import dataloader_defaults
+
+    return DataLoader(SeededViews(dataset, sampler.seed), batch_size=batch_size, sampler=sampler, drop_last=True,
+                      **dataloader_defaults(workers, pin_memory))
 
 
 def num_skipped(dataset: Dataset) -> int:

@@ -14,6 +14,9 @@ the effective rank of the transformed output at the end says whether a dimension
 
     python -m pretrain.toylab --out outputs/toylab
 
+The same sweep on the embedded image set (short pretrainings by the engine, then effective rank, lgIoC and
+k-NN accuracy per variant) is ``python -m pretrain.toylab_images``.
+
 ``outputs/toylab/``: ``power_outputs.png`` / ``iternorm_outputs.png`` (the transformed output of every
 point at the end, as in Figure 2(a)), ``power_eigenvalues.png`` / ``iternorm_eigenvalues.png`` (both
 eigenvalues over training, log scale, as in Figure 6), ``results.json`` and ``results.md`` (final
@@ -32,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from pretrain import losses
+from pretrain.atomic import atomic_path
 from pretrain.runlog import atomic_write_text, write_json
 from pretrain.spectrum import covariance_spectrum, effective_rank, lg_ioc
 
@@ -255,14 +259,12 @@ def plot_eigenvalues(results: list[ToyResult], path: Path, title: str) -> Path:
 
 
 def _save_fig(fig, path: Path) -> Path:
-    """PNG written to a temporary name and renamed (atomic)."""
+    """PNG written through ``pretrain.atomic.atomic_path`` (a crash leaves the previous file or the new one)."""
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

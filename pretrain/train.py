@@ -72,6 +72,8 @@ class TrainSchema:
     ckpt_every_steps: int = 1000       # steps between checkpoints (0: only at epoch ends); always per epoch
     max_steps: Optional[int] = None    # cut the schedule at this many steps (quick runs, tests)
     on_nonfinite: str = "stop"         # stop | skip
+    channels_last: bool = False        # NHWC backbone and views
+    ddp_bucket_mb: float = 25.0        # DistributedDataParallel bucket_cap_mb
 
 
 @dataclass

@@ -60,8 +60,19 @@ def export_distributed_env() -> dict[str, str]:
     return exported
 
 
+def limit_cpu_threads(threads: int | None) -> None:
+    """Local jobs on a machine without CUDA share its cores: each task gets its share (set by `submit`).
+    Without it, two seeds of detection at once ran 7x slower per iteration on 2 cores (4.8 s vs 0.7 s)."""
+    import torch
+
+    if threads and not torch.cuda.is_available() and torch.get_num_threads() > threads:
+        torch.set_num_threads(threads)
+
+
 class StageJob:
     """Runs a Hydra stage's ``run(cfg)`` in one task; resumable through submitit's checkpoint()."""
+
+    cpu_threads: int | None = None  # torch threads per task of a local CPU run (see limit_cpu_threads)
 
     def __init__(self, spec: StageSpec, config: dict[str, Any]):
         self.spec = spec
@@ -71,6 +82,7 @@ class StageJob:
         from omegaconf import OmegaConf
 
         export_distributed_env()
+        limit_cpu_threads(self.cpu_threads)
         run = self.spec.load_entry_point()
         return run(OmegaConf.create(self.config))
 
@@ -79,7 +91,9 @@ class StageJob:
 
         print(f"[submit] {self.spec.name}: time-out or preemption signal; requeueing, the run resumes from "
               f"the last checkpoint in {self.config.get('run_dir')}", flush=True)
-        return submitit.helpers.DelayedSubmission(type(self)(self.spec, self.config))
+        again = type(self)(self.spec, self.config)
+        again.cpu_threads = self.cpu_threads
+        return submitit.helpers.DelayedSubmission(again)
 
     def __repr__(self) -> str:
         return f"StageJob({self.spec.name}, run_dir={self.config.get('run_dir')!r})"
@@ -87,6 +101,8 @@ class StageJob:
 
 class DetectionJob:
     """Runs ``transfer.detection.train_net.run_task`` for one seed; resumes from its OUTPUT_DIR."""
+
+    cpu_threads: int | None = None  # as StageJob.cpu_threads
 
     def __init__(self, spec: StageSpec, config_file: str, opts: Sequence[str], output_dir: str):
         self.spec = spec
@@ -96,6 +112,7 @@ class DetectionJob:
 
     def __call__(self) -> Any:
         export_distributed_env()
+        limit_cpu_threads(self.cpu_threads)
         run_task = self.spec.load_entry_point()
         return run_task(self.config_file, list(self.opts), self.output_dir, resume=True)
 
@@ -104,8 +121,9 @@ class DetectionJob:
 
         print(f"[submit] detection: time-out or preemption signal; requeueing, detectron2 resumes from "
               f"{self.output_dir}", flush=True)
-        return submitit.helpers.DelayedSubmission(
-            type(self)(self.spec, self.config_file, self.opts, self.output_dir))
+        again = type(self)(self.spec, self.config_file, self.opts, self.output_dir)
+        again.cpu_threads = self.cpu_threads
+        return submitit.helpers.DelayedSubmission(again)
 
     def __repr__(self) -> str:
         return f"DetectionJob(output_dir={self.output_dir!r})"

@@ -278,6 +278,9 @@ def _submit(args, argv: list[str]) -> int:
         save_config(run_dir, plan.jobs[0].config)
     folder = run_dir / SUBMITIT_DIR
     executor = make_executor(res, folder)
+    if res.cluster != SLURM:  # every task of every job runs at once on this machine: share its cores
+        for job in plan.jobs:
+            job.cpu_threads = max(1, (os.cpu_count() or 1) // (res.gpus * len(plan.jobs)))
     if len(plan.jobs) == 1:
         jobs = [executor.submit(plan.jobs[0])]
     else:

@@ -115,7 +115,8 @@ def run_seed(config_file, opts=(), output_dir=None, resume: bool = True) -> dict
     results = {task: {"AP": 10.0 + seed, "AP50": 20.0 + seed, "AP75": 5.0 + seed} for task in ("bbox", "segm")}
     if info.is_main:
         write_json(out / "results.json", results)
-        write_json(out / "opts.json", {"opts": opts, "world_size": info.world_size})
+        write_json(out / "opts.json", {"opts": opts, "world_size": info.world_size,
+                                       "torch_threads": torch.get_num_threads()})
         mark_complete(out, results)
     barrier()
     return results if info.is_main else None

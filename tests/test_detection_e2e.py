@@ -1,7 +1,8 @@
 """End-to-end detection transfer on a tiny COCO-format shapes set, from a converted pretraining checkpoint.
 
-One module fixture fine-tunes two seeds (the paper's protocol shape: several seeds -> mean +- std) with
-a schedule small enough for 2 CPU cores; the tests then read what the runs wrote.
+One module fixture fine-tunes two seeds through `submit detection --seeds 2 --cluster local --wait` (the
+paper's protocol shape: several seeds -> mean +- std) with a schedule small enough for 2 CPU cores; the
+tests then read what the runs and the launcher's aggregation wrote.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def tiny_opts(data: Path, weights: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
+    """`submit detection --seeds 2 --cluster local --wait` (the user's command) from the test's own folder."""
     from pretrain.synthetic import SyntheticSpec, generate
-    from transfer.detection.train_net import run_task
+    from slurm.submit import main as submit
 
     tmp = tmp_path_factory.mktemp("detection")
     data = tmp / "data"
@@ -60,12 +62,15 @@ def experiment(tmp_path_factory):
                                  det_size=64, det_train_images=16, det_val_images=4))
     weights = make_converted_weights(tmp)
     opts = tiny_opts(data, weights)
-    exp = tmp / "exp"
-    results = {}
-    for seed in (0, 1):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        mp.setenv("INTL_SUBMIT_POLL_S", "1")
         t0 = time.time()
-        results[seed] = run_task(str(CONFIG), opts + ["SEED", str(seed)], str(exp / f"seed{seed}"))
-        print(f"seed {seed}: {time.time() - t0:.0f} s")
+        assert submit(["detection", "--cluster", "local", "--gpus", "1", "--seeds", "2", "--wait", "--name", "exp",
+                       "--config-file", str(CONFIG), *opts]) == 0
+        print(f"2 seeds through submit: {time.time() - t0:.0f} s")
+    exp = tmp / "outputs" / "detection" / "exp"
+    results = {seed: json.loads((exp / f"seed{seed}" / "results.json").read_text()) for seed in (0, 1)}
     return {"exp": exp, "opts": opts, "results": results, "data": data}
 
 
@@ -75,7 +80,6 @@ def test_fine_tuning_learns_and_evaluates_with_coco_evaluator(experiment):
     for seed, res in experiment["results"].items():
         run = experiment["exp"] / f"seed{seed}"
         assert is_complete(run)
-        assert json.loads((run / "results.json").read_text()) == res
         for task in ("bbox", "segm"):
             for metric in ("AP50", "AP", "AP75"):
                 assert 0.0 <= res[task][metric] <= 100.0
@@ -105,8 +109,10 @@ def test_two_seeds_aggregate_to_mean_and_std(experiment):
 
     from transfer.detection.aggregate import main
 
-    assert main([str(experiment["exp"])]) == 0
+    by_submit = json.loads((experiment["exp"] / "results.json").read_text())  # written by `submit --wait`
+    assert main([str(experiment["exp"])]) == 0  # the stand-alone aggregation gives the same table
     summary = json.loads((experiment["exp"] / "results.json").read_text())
+    assert summary == by_submit
     assert summary["n_seeds"] == 2 and summary["seeds"] == [0, 1]
     assert summary["columns"] == ["bbox AP50", "bbox AP", "bbox AP75", "segm AP50", "segm AP", "segm AP75"]
     r0, r1 = experiment["results"][0], experiment["results"][1]

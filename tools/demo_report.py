@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -108,17 +107,11 @@ def plot_detection(outputs: Path, out: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for init in INITS:
-        for metrics in sorted((outputs / "detection" / f"demo-{init}").glob("seed*/metrics.json")):
-            pts = []
-            for line in metrics.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if "total_loss" in r and "iteration" in r:
-                    pts.append((r["iteration"], r["total_loss"]))
+        for seed_dir in sorted((outputs / "detection" / f"demo-{init}").glob("seed*")):
+            # metrics.jsonl: one row per iteration (detectron2's own metrics.json has one per 20)
+            pts = [(r["step"], r["total_loss"]) for r in read_metrics(seed_dir) if "total_loss" in r]
             if pts:
-                ax.plot(*zip(*pts), label=f"{init} ({metrics.parent.name})")
+                ax.plot(*zip(*pts), label=f"{init} ({seed_dir.name})", lw=1)
     if not ax.lines:
         plt.close(fig)
         return []
