@@ -11,6 +11,18 @@ SHARED = ROOT.parent / "shared"
 torch.set_num_threads(int(os.environ.get("INTL_TEST_THREADS", "1")))
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Every test leaves os.environ as it found it. Code under test may export RANK/WORLD_SIZE/MASTER_* (the
+    launcher does, for its task); a leftover WORLD_SIZE makes a later in-process run wait forever for ranks
+    that never come (monkeypatch.delenv of an absent key does not undo a later set)."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root() -> Path:
     """The default embedded datasets (built by `make data`, regenerated here if missing)."""
