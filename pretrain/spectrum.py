@@ -14,17 +14,22 @@ import torch
 @torch.no_grad()
 def covariance_spectrum(z: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (descending, float64, CPU) of the d x d covariance of z (m, d), centred over the batch,
-    divided by m - 1. Tiny negative round-off eigenvalues are clipped to 0."""
+    divided by m - 1. Tiny negative round-off eigenvalues are clipped to 0.
+
+    Only the min(d, m - 1) eigenvalues a batch of m samples can make non-zero are returned: when d >= m
+    the other d - m + 1 are zero for any embedding, collapsed or not (the 8192-d projector at batch 256),
+    and keeping them would pin lgIoC at its floor. When d > m the eigenvalues come from the m x m Gram
+    matrix (the same non-zero eigenvalues, a smaller eigendecomposition)."""
     if z.dim() != 2:
         raise ValueError(f"z must be (samples, features), got shape {tuple(z.shape)}")
-    m = z.shape[0]
+    m, d = z.shape
     if m < 2:
         raise ValueError(f"need at least 2 samples for a covariance, got {m}")
     z = z.detach().to(device="cpu", dtype=torch.float64)
     zc = z - z.mean(dim=0, keepdim=True)
-    cov = zc.T @ zc / (m - 1)
-    eigs = torch.linalg.eigvalsh(0.5 * (cov + cov.T))
-    return eigs.clamp(min=0).flip(0)
+    mat = (zc @ zc.T if d > m else zc.T @ zc) / (m - 1)
+    eigs = torch.linalg.eigvalsh(0.5 * (mat + mat.T))
+    return eigs.clamp(min=0).flip(0)[: min(d, m - 1)]
 
 
 def _as_eigs(eigs) -> torch.Tensor:

@@ -26,6 +26,19 @@ def test_covariance_spectrum_recovers_known_eigenvalues_sorted():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_wide_embeddings_keep_only_the_eigenvalues_a_batch_can_make_non_zero():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(10, 50, generator=g, dtype=torch.float64) @ torch.diag(torch.linspace(0.5, 2.0, 50, dtype=torch.float64))
+    got = covariance_spectrum(z)
+    zc = z - z.mean(0)
+    full = torch.linalg.eigvalsh(zc.T @ zc / 9).flip(0)  # 50 eigenvalues, 41 of them zero by construction
+    assert got.shape == (9,) and bool((got > 1e-6).all())
+    torch.testing.assert_close(got, full[:9])
+    assert -3.0 < lg_ioc(got) < 0.0  # the full spectrum would say "collapsed" (about -15.7) for any batch
+    assert lg_ioc(full) < -12.0
+    assert covariance_spectrum(z[:, :9]).shape == (9,) and covariance_spectrum(z[:, :5]).shape == (5,)
+
+
 def test_effective_rank_and_lg_ioc():
     assert effective_rank(torch.ones(8)) == pytest.approx(8.0)
     assert effective_rank(torch.tensor([3.0, 0.0, 0.0])) == pytest.approx(1.0)
