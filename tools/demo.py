@@ -37,7 +37,7 @@ DETECTION_CONFIG = str(ROOT / "configs" / "detection" / "synthetic_R_50_C4.yaml"
 # report shows both backbones' k-NN so that nobody mistakes the detection weights for well-trained ones.
 BACKBONES = {"resnet18": "demo", "resnet50": "demo-r50"}  # arch -> pretraining run name
 PROFILES = {
-    # `make demo`: 15 min 43 s here with .venv built (README).
+    # `make demo`: about 16 minutes here with .venv built (README).
     "demo": {
         "data": [],
         "resnet18": ["train.spectrum_every=25"],
