@@ -61,6 +61,8 @@ def plot_ratios(rows: list[Row], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pretrain.plots import save_figure
+
     data = [(f"{r.benchmark}: {r.case}\n{r.variant}", r.ratio) for r in rows
             if r.baseline is not None and r.ratio is not None and not r.benchmark.endswith("robustness")]
     if not data:
@@ -76,11 +78,7 @@ def plot_ratios(rows: list[Row], path: Path) -> Path | None:
     for i, x in enumerate(ratios):
         ax.text(x, i, f" {x:.2f}x", va="center", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_all(result: dict, rows: list[Row], out: Path, stem: str) -> list[Path]:

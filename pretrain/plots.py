@@ -14,11 +14,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from pretrain.atomic import atomic_path  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
-    """Writes the figure atomically (pretrain.atomic), like every other output of a run."""
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110, bbox_inches: str | None = None) -> Path:
+    """Writes a matplotlib figure as PNG atomically (pretrain.atomic: the previous file or the new one, never
+    half a plot) and closes it. Every PNG the project writes goes through here."""
+    path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+            fig.savefig(tmp, dpi=dpi, bbox_inches=bbox_inches)
     finally:
         plt.close(fig)
     return path
@@ -49,7 +51,7 @@ def plot_spectrum(rows: Sequence[dict], path: str | os.PathLike, max_curves: int
     ax.set_title("Spectrum of the projector output")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(fig, Path(path))
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_loss(rows: Sequence[dict], path: str | os.PathLike, keys: Sequence[str] = ("loss", "align", "trace")) -> Path | None:
@@ -67,4 +69,4 @@ def plot_loss(rows: Sequence[dict], path: str | os.PathLike, keys: Sequence[str]
     ax.set_title("Pretraining loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, Path(path))
+    return save_figure(fig, path, bbox_inches="tight")

@@ -35,7 +35,6 @@ import torch
 import torch.nn as nn
 
 from pretrain import losses
-from pretrain.atomic import atomic_path
 from pretrain.runlog import atomic_write_text, write_json
 from pretrain.spectrum import covariance_spectrum, effective_rank, lg_ioc
 
@@ -214,6 +213,8 @@ def plot_outputs(results: list[ToyResult], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pretrain.plots import save_figure
+
     n = len(results)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
@@ -228,7 +229,7 @@ def plot_outputs(results: list[ToyResult], path: Path, title: str) -> Path:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    return _save_fig(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_eigenvalues(results: list[ToyResult], path: Path, title: str) -> Path:
@@ -236,6 +237,8 @@ def plot_eigenvalues(results: list[ToyResult], path: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from pretrain.plots import save_figure
 
     n = len(results)
     cols = min(n, 4)
@@ -255,17 +258,7 @@ def plot_eigenvalues(results: list[ToyResult], path: Path, title: str) -> Path:
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    return _save_fig(fig, path)
-
-
-def _save_fig(fig, path: Path) -> Path:
-    """PNG written through ``pretrain.atomic.atomic_path`` (a crash leaves the previous file or the new one)."""
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def results_table(results: dict[str, list[ToyResult]]) -> str:

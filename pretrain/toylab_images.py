@@ -26,7 +26,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.atomic import atomic_path
 from pretrain.runlog import atomic_write_text, write_json
 
 DEFAULT_POWERS = (0.25, 0.5, 0.75)
@@ -55,7 +54,6 @@ def run_variant(v: Variant, out: Path, data_root: Path, steps: int, extra: list[
 
     row = {"variant": v.name, "label": v.label, "steps": 0, "effective_rank": None, "lg_ioc": None,
            "final_loss": None}
-    arch = compose_config("pretrain", ["pretrain/preset=synthetic", *extra]).model.arch
     if v.pretrain:
         cfg = compose_config("pretrain", ["pretrain/preset=synthetic", f"data.root={data_root}",
                                           f"run_dir={out / 'runs' / v.name}", f"train.max_steps={steps}", *v.overrides,
@@ -63,7 +61,8 @@ def run_variant(v: Variant, out: Path, data_root: Path, steps: int, extra: list[
         summary = pretrain_run(cfg)
         row.update({k: summary[k] for k in ("steps", "effective_rank", "lg_ioc", "final_loss")})
         weights = [f"weights={summary['checkpoint']}"]
-    else:
+    else:  # the architecture the pretrainings use (the preset's, or the one in the extra overrides)
+        arch = compose_config("pretrain", ["pretrain/preset=synthetic", *extra]).model.arch
         weights = ["weights=null", f"model.arch={arch}"]
     knn = knn_run(compose_config("knn", ["eval/knn=synthetic", f"data.root={data_root}", *weights,
                                          f"run_dir={out / 'knn' / v.name}", *knn_extra]))
@@ -91,6 +90,8 @@ def plot(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pretrain.plots import save_figure
+
     labels = [r["label"].replace(" (no pretraining)", "") for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.barh(labels, [r["knn_top1"] for r in rows], color="tab:blue")
@@ -102,10 +103,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     b.set_yticklabels([])
     fig.suptitle("Toy lab on the embedded image set: spectral transformations, IterNorm with/without trace loss")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _numbers(text: str, cast) -> list:

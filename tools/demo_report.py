@@ -49,15 +49,10 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
 
 
 def _save(fig, path: Path) -> None:
-    """PNG written next to its final name and renamed: a crash never leaves half a plot."""
-    import matplotlib.pyplot as plt
-
-    from pretrain.atomic import atomic_path
+    from pretrain.plots import save_figure
 
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_pretrain(outputs: Path, out: Path) -> list[str]:

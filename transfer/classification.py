@@ -558,6 +558,8 @@ def write_plot(run_dir: Path, history: list, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pretrain.plots import save_figure
+
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(epochs, [h["val"]["top1"] for h in history], "o-", label="top-1")
@@ -568,10 +570,7 @@ def write_plot(run_dir: Path, history: list, title: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = run_dir / ".accuracy.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(run_dir / "accuracy.png")
+    save_figure(fig, run_dir / "accuracy.png", dpi=100)
 
 
 def config_dict(cfg: DictConfig) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from pretrain.runlog import read_metrics, write_json
@@ -43,6 +42,8 @@ def plot_loss_curve(output_dir: str | os.PathLike, rows: list[dict], title: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pretrain.plots import save_figure
+
     losses = training_losses(rows)
     if not losses:
         return None
@@ -58,16 +59,7 @@ def plot_loss_curve(output_dir: str | os.PathLike, rows: list[dict], title: str 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(output_dir) / "loss_curve.png"
-    fd, tmp = tempfile.mkstemp(prefix=".loss_curve.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return out
+    return save_figure(fig, Path(output_dir) / "loss_curve.png", dpi=100)
 
 
 def write_run_outputs(output_dir: str | os.PathLike, eval_results, info: dict) -> dict:
