@@ -15,7 +15,7 @@ $(STAMP): requirements/lock.txt pyproject.toml tools/make-venv.sh
 
 # The embedded datasets (classification ImageFolder + COCO-json detection set), generated from a seed.
 data: venv
-	$(PY) -m pretrain.synthetic --out $(DATA)
+	$(PY) -m common.synthetic --out $(DATA)
 
 demo: venv data
 	$(PY) tools/demo.py $(DEMO_ARGS)
@@ -44,8 +44,8 @@ slurm-down:
 # The paper's 2-D toy (Appendix D.1): power family and IterNorm sweeps, plots + table.
 .PHONY: toylab toylab-images
 toylab: venv
-	$(PY) -m pretrain.toylab --out outputs/toylab
+	$(PY) -m toylab.blobs --out outputs/toylab
 
 # The same sweep on the embedded image set (short pretrainings, then effective rank, lgIoC, k-NN).
 toylab-images: venv data
-	$(PY) -m pretrain.toylab_images --out outputs/toylab/images $(TOYLAB_ARGS)
+	$(PY) -m toylab.images --out outputs/toylab/images $(TOYLAB_ARGS)

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import report
+from benchmarks import bench_pipeline, bench_step, bench_whitening, report
 from benchmarks.common import add_ratios, machine_info, set_threads
 
 BENCHMARKS = ("whitening", "step", "pipeline")
@@ -59,16 +59,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
     for name in args.only:
         t0 = time.perf_counter()
         if name == "whitening":
-            from benchmarks import bench_whitening
-
             rows += bench_whitening.run(full=args.full, **common)
         elif name == "step":
-            from benchmarks import bench_step
-
             rows += bench_step.run(**common)
         elif name == "pipeline":
-            from benchmarks import bench_pipeline
-
             rows += bench_pipeline.run(num_images=args.images, **common)
         timings[name] = round(time.perf_counter() - t0, 1)
         log(f"[bench] {name} done in {timings[name]}s")

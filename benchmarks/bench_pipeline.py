@@ -2,7 +2,7 @@
 
 Baseline: the reference code's way (``benchmarks.baselines``: full-size PIL decode, torchvision v1 PIL
 transforms, one Compose per view). Candidate: ``pretrain.augment.build_view_transform`` fed the way
-``pretrain.data.RobustImageFolder`` feeds it (an opened, not yet decoded file). Same files, same
+``common.imagefolder.RobustImageFolder`` feeds it (an opened, not yet decoded file). Same files, same
 process, one thread (per-core numbers), variants interleaved every 8 images. Cases: the paper's 2 views (Table 4) and
 the 6-crop multi-crop (Table 5), at the paper's crop sizes; and the whole DataLoader (2 workers) of the
 2-view case, reference set-up against ours.
@@ -19,6 +19,7 @@ from PIL import Image
 from benchmarks.baselines import pil_loader, reference_view_pipeline
 from benchmarks.common import Row, interleaved
 from benchmarks.images import write_imagenet_like
+from common.imagefolder import RobustImageFolder, dataloader_defaults
 from pretrain.augment import build_view_transform
 
 NAME = "pipeline"
@@ -89,13 +90,11 @@ def run(quick: bool = False, warmup: int = 1, repeats: int = 5, num_images: int 
 def loader_case(paths, cases, warmup, repeats, workers, batch, log=print) -> list[Row]:
     """Whole DataLoader, ``workers`` worker processes: the reference set-up (torchvision ImageFolder,
     reference views, DataLoader defaults of the reference code) against ``RobustImageFolder`` +
-    ``build_view_transform`` + ``pretrain.data.dataloader_defaults`` (persistent workers, one thread per
+    ``build_view_transform`` + ``common.imagefolder.dataloader_defaults`` (persistent workers, one thread per
     worker, prefetch 4). Throughput of the whole machine, not per core; one pass = one epoch."""
     import torch
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
-
-    from pretrain.data import RobustImageFolder, dataloader_defaults
 
     root = paths[0].parent / "as_imagefolder"
     (root / "class0").mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.common import Row
-from pretrain.runlog import atomic_write_text, write_json
+from common.atomic import atomic_write_text, save_figure, write_json
 
 
 def _fmt(x: float) -> str:
@@ -60,8 +60,6 @@ def plot_ratios(rows: list[Row], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pretrain.plots import save_figure
 
     data = [(f"{r.benchmark}: {r.case}\n{r.variant}", r.ratio) for r in rows
             if r.baseline is not None and r.ratio is not None and not r.benchmark.endswith("robustness")]

@@ -41,6 +41,8 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF2
 from PIL import Image
 
+from common.errors import ConfigError
+
 try:  # OpenCV is part of the pinned environment (opencv-python-headless); say so if it is missing.
     import cv2
 except ImportError as e:  # pragma: no cover - depends on the installation
@@ -115,7 +117,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class AugConfigError(ValueError):
+class AugConfigError(ConfigError):
     """A bad ``cfg_aug``: the message names the key and the allowed values."""
 
 

@@ -8,7 +8,7 @@ Determinism (what makes a resumed run continue the same trajectory):
   view transform: the augmentation of an image depends on nothing else (not on the worker, the number
   of workers or processes, or where a run was resumed).
 
-Datasets: ``imagefolder`` (``pretrain.data.RobustImageFolder``: ImageNet layout, the embedded synthetic
+Datasets: ``imagefolder`` (``common.imagefolder.RobustImageFolder``: ImageNet layout, the embedded synthetic
 set; corrupt files skipped and counted) and ``cifar10`` / ``cifar100`` (torchvision's readers of the
 python-pickle release, never downloaded here).
 """
@@ -23,10 +23,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from common.errors import ConfigError
+from common.imagefolder import RobustImageFolder, dataloader_defaults
+
 DATASET_KINDS = ("imagefolder", "cifar10", "cifar100")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(ConfigError):
     """A data setting that cannot work; the message names the key and the fix."""
 
 
@@ -93,8 +96,6 @@ def build_dataset(cfg_data, transform) -> Dataset:
     kind = cfg_data.kind
     root = Path(str(cfg_data.root)).expanduser()
     if kind == "imagefolder":
-        from pretrain.data import RobustImageFolder
-
         folder = root / cfg_data.split if cfg_data.split else root
         return RobustImageFolder(folder, transform=transform)
     if kind in ("cifar10", "cifar100"):
@@ -114,9 +115,7 @@ def build_dataset(cfg_data, transform) -> Dataset:
 def build_loader(dataset: Dataset, sampler: EpochShardSampler, batch_size: int, workers: int,
                  pin_memory: bool) -> DataLoader:
     """Keys ``(epoch, index)`` come from the sampler in the main process, so persistent workers stay correct
-    across epochs; worker settings are ``pretrain.data.dataloader_defaults`` (the ones the benchmark measures)."""
-    from pretrain.data import dataloader_defaults
-
+    across epochs; worker settings are ``common.imagefolder.dataloader_defaults`` (the ones the benchmark measures)."""
     return DataLoader(SeededViews(dataset, sampler.seed), batch_size=batch_size, sampler=sampler, drop_last=True,
                       **dataloader_defaults(workers, pin_memory))
 

@@ -34,11 +34,13 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain import runlog
+from common import runlog
+from common.atomic import atomic_write_text, write_json
+from common.checkpoint import LAST_NAME, load_checkpoint, save_checkpoint
+from common.distributed import DistInfo, all_reduce_mean, barrier, gather_with_grad
+from common.errors import ConfigError, UserError
 from pretrain.augment import build_view_transform
-from pretrain.checkpoint import LAST_NAME, load_checkpoint, save_checkpoint
 from pretrain.data_loading import EpochShardSampler, build_dataset, build_loader, num_skipped
-from pretrain.distributed import DistInfo, all_reduce_mean, barrier, gather_with_grad
 from pretrain.methods import build_method
 from pretrain.model import build_network, convert_sync_batchnorm, ema_update, make_momentum_copy
 from pretrain.optim import build_optimizer, ema_momentum_scheduler, lr_scheduler, scaled_lr, set_lr
@@ -53,11 +55,11 @@ MAX_SPECTRUM_POINTS = 512
 MAX_CONSECUTIVE_SKIPS = 20
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN/inf; the previous checkpoint is intact."""
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """The run folder holds a run that this config cannot continue."""
 
 
@@ -69,7 +71,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a GPU; fix: train.amp=off (or bf16) on CPU")
+        raise ConfigError("train.amp=fp16 needs a GPU; fix: train.amp=off (or bf16) on CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -170,7 +172,7 @@ class PretrainEngine:
         self.sampler = EpochShardSampler(len(self.dataset), self.local_batch, dist_info.rank, world, int(cfg.seed))
         self.steps_per_epoch = self.sampler.per_rank // self.local_batch
         if self.steps_per_epoch < 1:
-            raise ValueError(f"the training set has {len(self.dataset)} images, fewer than one global batch of "
+            raise ConfigError(f"the training set has {len(self.dataset)} images, fewer than one global batch of "
                              f"{self.global_batch}; fix: a smaller optim.batch_size or a larger data set")
         self.loader = build_loader(self.dataset, self.sampler, self.local_batch, int(cfg.data.workers),
                                    pin_memory=self.device.type == "cuda")
@@ -188,7 +190,7 @@ class PretrainEngine:
         self.net = net.to(self.device, memory_format=self.memory_format)
         self.objective = build_method(cfg.method, global_batch=self.global_batch, world_size=world)
         if self.num_views < 2:
-            raise ValueError(f"data.augment gives {self.num_views} view(s); every method needs at least 2 "
+            raise ConfigError(f"data.augment gives {self.num_views} view(s); every method needs at least 2 "
                              "(fix: data.augment.views with two or more entries)")
         self.target = make_momentum_copy(self.net) if self.objective.uses_ema else None
         if world > 1:
@@ -285,7 +287,7 @@ class PretrainEngine:
         rows = runlog.read_metrics(self.run_dir)
         keep = [r for r in rows if r.get("step", 0) <= step]
         if len(keep) != len(rows):
-            runlog.atomic_write_text(self.run_dir / "metrics.jsonl",
+            atomic_write_text(self.run_dir / "metrics.jsonl",
                                      "".join(json.dumps(r) + "\n" for r in keep))
 
     # ------------------------------------------------------------------ training
@@ -394,7 +396,7 @@ class PretrainEngine:
             report["spectrum_now"] = f"could not be computed: {type(e).__name__}: {e}"
         mode = self.cfg.train.on_nonfinite
         if self.info.is_main:
-            runlog.write_json(self.run_dir / f"nonfinite_step{step}.json", report)
+            write_json(self.run_dir / f"nonfinite_step{step}.json", report)
         msg = (f"non-finite loss ({report.get('loss')}) at step {step}; parts and spectrum in "
                f"{self.run_dir / f'nonfinite_step{step}.json'}")
         if mode == "skip" and consecutive <= MAX_CONSECUTIVE_SKIPS:

@@ -29,6 +29,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from common.errors import UserError
+
 AXES = ("channel", "batch")
 
 
@@ -135,7 +137,7 @@ def iternorm(z: torch.Tensor, iters: int = 4, axis: str = "channel") -> torch.Te
 # ----------------------------------------------------------------------------------------------------
 # Spectral transformation lambda^-p by eigendecomposition (ST family; p = 0.5 is hard whitening)
 # ----------------------------------------------------------------------------------------------------
-class EighFailure(RuntimeError):
+class EighFailure(UserError, RuntimeError):
     """The eigendecomposition of the embedding covariance failed; the message says why and what to do."""
 
 

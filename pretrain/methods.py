@@ -18,7 +18,7 @@ Views and the EMA target
     online crops only.
 
 Distributed semantics
-    Every view (and the target) is all-gathered with ``pretrain.distributed.gather_with_grad`` before
+    Every view (and the target) is all-gathered with ``common.distributed.gather_with_grad`` before
     whitening, so the loss is computed on the global batch and has the same value on every rank, equal to
     the one-process loss on the concatenated batch. gather_with_grad's backward SUMS the gradients of the
     W identical rank losses, so each rank's local input receives W times its slice of the one-process
@@ -34,8 +34,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from common.distributed import gather_with_grad
 from pretrain import losses
-from pretrain.distributed import gather_with_grad
 
 METHODS: dict[str, type] = {}
 

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pretrain.backbones import build_resnet
-from pretrain.distributed import is_dist
+from common.distributed import is_dist
+from common.resnet import build_resnet
 
 
 def build_projector(in_dim: int, sizes: Sequence[int]) -> nn.Sequential:

@@ -17,6 +17,9 @@ from fvcore.common.param_scheduler import (
     ParamScheduler,
 )
 
+from common.errors import ConfigError
+from common.schedule import StepSchedule
+
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:
     """The linear scaling rule of the paper: lr = base * global_batch / 256."""
@@ -38,10 +41,10 @@ def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: 
     return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum)
 
 
-def lr_scheduler(peak_lr: float, total_steps: int, warmup_steps: int, final_lr_ratio: float) -> "StepSchedule":
+def lr_scheduler(peak_lr: float, total_steps: int, warmup_steps: int, final_lr_ratio: float) -> StepSchedule:
     """Linear warm-up from 0 over ``warmup_steps``, then cosine to ``peak_lr * final_lr_ratio``."""
     if total_steps <= 0:
-        raise ValueError(f"the schedule has {total_steps} steps; fix: optim.epochs and the data set must give >= 1 step")
+        raise ConfigError(f"the schedule has {total_steps} steps; fix: optim.epochs and the data set must give >= 1 step")
     warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
     cosine = CosineParamScheduler(peak_lr, peak_lr * final_lr_ratio)
     if warmup_steps == 0:
@@ -53,20 +56,9 @@ def lr_scheduler(peak_lr: float, total_steps: int, warmup_steps: int, final_lr_r
     return StepSchedule(sched, total_steps, offset=1)
 
 
-def ema_momentum_scheduler(base_momentum: float, total_steps: int) -> "StepSchedule":
+def ema_momentum_scheduler(base_momentum: float, total_steps: int) -> StepSchedule:
     """The momentum encoder's coefficient: ``base_momentum`` -> 1 on a cosine (BYOL / the paper)."""
     return StepSchedule(CosineParamScheduler(base_momentum, 1.0), total_steps, offset=0)
-
-
-class StepSchedule:
-    """A fvcore ParamScheduler addressed by optimisation step: ``value(step)``."""
-
-    def __init__(self, scheduler: ParamScheduler, total_steps: int, offset: int):
-        self.scheduler, self.total_steps, self.offset = scheduler, int(total_steps), int(offset)
-
-    def __call__(self, step: int) -> float:
-        where = min(max((step + self.offset) / self.total_steps, 0.0), 1.0)
-        return float(self.scheduler(where))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -11,19 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pretrain.atomic import atomic_path  # noqa: E402
-
-
-def save_figure(fig, path: str | os.PathLike, dpi: int = 110, bbox_inches: str | None = None) -> Path:
-    """Writes a matplotlib figure as PNG atomically (pretrain.atomic: the previous file or the new one, never
-    half a plot) and closes it. Every PNG the project writes goes through here."""
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches=bbox_inches)
-    finally:
-        plt.close(fig)
-    return path
+from common.atomic import save_figure  # noqa: E402
 
 
 def plot_spectrum(rows: Sequence[dict], path: str | os.PathLike, max_curves: int = 5) -> Path | None:

@@ -16,16 +16,18 @@ start with a message naming it and the fix); the method's own keys are checked b
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
-from pretrain import runlog
-from pretrain.backbones import FEATURE_DIMS
+from common.config import merge_onto_schema
+from common.errors import ConfigError
+from common.resnet import FEATURE_DIMS
+from common.stage import begin, hydra_main
+from pretrain.engine import PretrainEngine
+from pretrain.methods import build_method
 
 log = logging.getLogger("pretrain")
 
@@ -88,10 +90,6 @@ class PretrainSchema:
     train: TrainSchema = field(default_factory=TrainSchema)
 
 
-class ConfigError(ValueError):
-    """A pretraining config that cannot run; the message names the key and the fix."""
-
-
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise ConfigError(msg)
@@ -103,21 +101,7 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
     Returns a resolved, typed DictConfig. Raises ConfigError naming the problem and the fix.
     check_paths=False skips the check that the data folder exists (composing configs elsewhere).
     """
-    raw = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg)
-    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"]) if "hydra" in raw else raw
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(PretrainSchema), raw)
-        OmegaConf.resolve(merged)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or ""
-        section = key.split(".")[0] if "." in key else ""
-        valid = ""
-        if section in ("data", "model", "optim", "train"):
-            valid = f"; valid keys of {section}: {sorted(OmegaConf.structured(PretrainSchema)[section].keys())}"
-        elif not section:
-            valid = f"; valid top-level keys: {sorted(OmegaConf.structured(PretrainSchema).keys())}"
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"bad pretraining config at {key or '<root>'!r}: {first_line}{valid}") from None
+    merged = merge_onto_schema(cfg, PretrainSchema, "pretraining")
     d, m, o, t = merged.data, merged.model, merged.optim, merged.train
     _check(m.arch in FEATURE_DIMS, f"model.arch={m.arch!r} is unknown; choose one of {sorted(FEATURE_DIMS)}")
     _check(len(m.projector) >= 1 and all(s > 0 for s in m.projector),
@@ -139,8 +123,6 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
     _check(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
     _check(isinstance(merged.method.get("name"), str), "method needs a name (choose with method=<name>)")
     try:  # the method's own keys and values, checked by the registry that builds it (before anything is queued)
-        from pretrain.methods import build_method
-
         build_method(merged.method, global_batch=o.batch_size, world_size=world_size)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(str(e)) from None
@@ -148,85 +130,25 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
         folder = Path(d.root) / d.split if d.split else Path(d.root)
         _check(folder.is_dir(), f"data.root/data.split = {str(folder)!r} is not a folder; fix: set data.root to the "
                                 "dataset root with <root>/<split>/<class>/<image> (ImageNet layout); for the embedded "
-                                "set run `python -m pretrain.synthetic --out data/synthetic`")
+                                "set run `make data` (= `python -m common.synthetic --out data/synthetic`)")
     return merged
 
 
 # ------------------------------------------------------------------------------------------ entry
-def _ensure_logging() -> None:
-    """A console handler for the ``pretrain`` logger when nobody (Hydra, the launcher) configured one."""
-    if logging.getLogger().handlers or log.handlers:
-        if log.level == logging.NOTSET:
-            log.setLevel(logging.INFO)
-        return
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
-def _cpu_threads_per_process(world_size: int) -> None:
-    """On CPU, several processes of one job share the machine: give each its share of the cores
-    (torch would start one thread per core in every process and oversubscribe them)."""
-    import os
-
-    import torch
-
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    share = max(1, (os.cpu_count() or 1) // max(local, 1))
-    if torch.get_num_threads() > share:
-        torch.set_num_threads(share)
-
-
 def run(cfg: DictConfig) -> dict | None:
     """Pretrains (or resumes) the run of ``cfg`` in this process; the summary dict on rank 0, else None.
 
     Call once per process after the launcher exported RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR /
     MASTER_PORT (or none of them: one process).
     """
-    from pretrain.distributed import init_distributed
-
-    _ensure_logging()
-    info = init_distributed()
-    cfg = validate_config(cfg, world_size=info.world_size)
-    if info.device.type == "cpu" and info.world_size > 1:
-        _cpu_threads_per_process(info.world_size)
-    run_dir = Path(cfg.run_dir)
-    if runlog.is_complete(run_dir):
-        import json
-
-        summary = json.loads((run_dir / runlog.COMPLETE_MARKER).read_text() or "{}")
-        log.info("run %s is already complete (step %s); nothing to do", run_dir, summary.get("steps"))
-        return {**summary, "already_complete": True} if info.is_main else None
-    if not info.is_main:
+    start = begin(cfg, validate_config, log)
+    if start.done is not None:
+        return start.finished_result()
+    if not start.info.is_main:
         log.setLevel(logging.WARNING)  # one progress stream: rank 0's
-    from pretrain.engine import PretrainEngine
-
-    engine = PretrainEngine(cfg, info)
-    summary = engine.fit()
-    return summary if info.is_main else None
-
-
-def _main() -> None:
-    import hydra
-
-    @hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "configs"), config_name="pretrain",
-                version_base="1.3")
-    def main(cfg: DictConfig) -> None:
-        from pretrain.checkpoint import CheckpointError
-        from pretrain.engine import NonFiniteLossError, ResumeError
-
-        try:
-            summary = run(cfg)
-        except (ConfigError, ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, ResumeError) as e:
-            print(f"pretrain: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        if summary is not None:
-            print(OmegaConf.to_yaml(OmegaConf.create(summary)))
-
-    main()
+    summary = PretrainEngine(start.cfg, start.info).fit()
+    return summary if start.info.is_main else None
 
 
 if __name__ == "__main__":
-    _main()
+    hydra_main("pretrain", run)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .errors import SubmitError
 from .jobs import DetectionJob, StageJob
-from .stages import DETECTION, compose_config, get_stage
+from .stages import DETECTION, compose_stage_config, get_stage
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from omegaconf import OmegaConf
 
-            cfg = compose_config(args.stage, args.overrides)
+            cfg = compose_stage_config(args.stage, args.overrides)
             cfg.run_dir = str(Path(str(cfg.run_dir)).resolve())
             job = StageJob(spec, OmegaConf.to_container(cfg, resolve=True))
     except SubmitError as e:

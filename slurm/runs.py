@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.runlog import atomic_write_text, is_complete
+from common.atomic import atomic_write_text
+from common.runlog import is_complete
 
 from .errors import SubmitError
 

@@ -1,8 +1,7 @@
-"""The stage registry (stage name -> entry point, config) and ``compose_config``.
+"""The stage registry: stage name -> entry point, config, the inputs checked before queueing.
 
-``compose_config(stage, overrides)`` is the one place that composes a stage config outside a Hydra main
-(ARCHITECTURE.md): the launcher, the tests and the demo call it. It uses Hydra's compose API on the
-repository's ``configs/`` folder, found relative to this package (see ``config_dir``).
+Stage configs are composed by ``common.config.compose_config`` (``compose_stage_config`` looks the stage
+up here first, so that extra stages compose from their own folder).
 
 Extra stages (tests, plugins) are registered without touching this file through the environment variable
 ``INTL_SUBMIT_EXTRA_STAGES``: ``name=module:function@/abs/config/dir`` entries separated by ``;``. The
@@ -16,15 +15,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from common.config import compose_config
+
 from .errors import SubmitError
 
 EXTRA_STAGES_ENV = "INTL_SUBMIT_EXTRA_STAGES"
-CONFIG_DIR_ENV = "INTL_CONFIGS"
 
 HYDRA = "hydra"
 DETECTION = "detection"
@@ -128,66 +127,13 @@ def get_stage(name: str) -> StageSpec:
     return spec
 
 
-def config_dir(spec: StageSpec | None = None) -> Path:
-    """The folder holding the Hydra configs.
-
-    Order: the stage's own dir (extra stages), ``$INTL_CONFIGS``, ``configs/`` next to this package (a
-    source checkout, an editable install, or an install shipping the YAML as package data),
-    ``<prefix>/share/intl-pipeline/configs`` (data-files install). Never the current directory.
-    """
-    if spec is not None and spec.config_dir:
-        return Path(spec.config_dir)
-    candidates = []
-    if os.environ.get(CONFIG_DIR_ENV):
-        candidates.append(Path(os.environ[CONFIG_DIR_ENV]))
-    # Next to this package: the repository (checkout, editable install), or site-packages/configs when
-    # the YAML is installed as package data of a top-level ``configs`` package.
-    candidates.append(Path(__file__).resolve().parents[1] / "configs")
-    candidates.append(Path(sys.prefix) / "share" / "intl-pipeline" / "configs")
-    for c in candidates:
-        if c.is_dir():
-            return c.resolve()
-    raise SubmitError("cannot find the configs/ folder (looked in: " + ", ".join(map(str, candidates)) +
-                      f"); fix: run from a checkout of the repository or set {CONFIG_DIR_ENV}=/path/to/configs")
-
-
-def compose_config(stage: str, overrides: Sequence[str] = ()):
-    """Composes ``configs/<stage>.yaml`` with Hydra ``key=value`` overrides and returns the DictConfig.
-
-    Raises SubmitError when the stage is unknown, the config is missing or the overrides do not compose.
-    Works inside a running Hydra app too (its global state is saved and restored).
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-    from omegaconf.errors import OmegaConfBaseException
-
-    stages = all_stages()
-    if stage not in stages:
-        raise SubmitError(f"unknown stage {stage!r}; fix: use one of {', '.join(sorted(stages))}")
-    spec = stages[stage]
+def compose_stage_config(stage: str, overrides: Sequence[str] = ()):
+    """The registered Hydra stage's config, composed by ``common.config.compose_config`` (extra stages
+    from their own config folder)."""
+    spec = all_stages().get(stage)
+    if spec is None:
+        raise SubmitError(f"unknown stage {stage!r}; fix: use one of {', '.join(sorted(all_stages()))}")
     if spec.kind != HYDRA:
         raise SubmitError(f"stage {stage!r} uses a detectron2 config file, not a Hydra config; "
                           "fix: pass --config-file F and KEY VALUE overrides")
-    cdir = config_dir(spec)
-    if not (cdir / f"{spec.hydra_config_name}.yaml").is_file():
-        raise SubmitError(f"stage {stage!r} has no config {cdir / (spec.hydra_config_name + '.yaml')}; "
-                          "fix: add the config (or set INTL_CONFIGS to the folder holding it)")
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise SubmitError(f"overrides must be Hydra key=value pairs, got {bad}; fix: write e.g. optim.lr=0.1")
-
-    outer = get_gh_backup() if GlobalHydra.instance().is_initialized() else None
-    if outer is not None:
-        GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(cdir), job_name=f"submit_{stage}", version_base="1.3"):
-            return compose(config_name=spec.hydra_config_name, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise SubmitError(f"the {stage} config does not compose with overrides {list(overrides)}: "
-                          f"{str(e).strip()}; fix: check the key names and values against "
-                          f"{cdir / (spec.hydra_config_name + '.yaml')}") from None
-    finally:
-        if outer is not None:
-            restore_gh_from_backup(outer)
+    return compose_config(stage, overrides, directory=spec.config_dir, config_name=spec.hydra_config_name)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import re
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -26,13 +26,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from common.errors import UserError
+from common.runlog import is_complete, save_config
+
 from .errors import SubmitError
-from .executor import (CLUSTERS, DEFAULT_TIME_MIN, SLURM, Resources, check_against_partition,
-                       check_slurm_reachable, local_parameters, make_executor, partition_info, render_sbatch,
-                       resolve_cluster, validate)
-from .runs import (COMPLETE, NEW, RESUME, SUBMITIT_DIR, RunState, active_jobs, check_writable, next_free_dir,
-                   record_submission, run_state)
-from .stages import DETECTION, StageSpec, compose_config, get_stage
+from .executor import (
+    CLUSTERS,
+    DEFAULT_TIME_MIN,
+    SLURM,
+    Resources,
+    check_against_partition,
+    check_slurm_reachable,
+    local_parameters,
+    make_executor,
+    partition_info,
+    render_sbatch,
+    resolve_cluster,
+    validate,
+)
+from .jobs import DetectionJob, StageJob
+from .runs import (
+    COMPLETE,
+    NEW,
+    RESUME,
+    SUBMITIT_DIR,
+    RunState,
+    active_jobs,
+    check_writable,
+    next_free_dir,
+    record_submission,
+    run_state,
+)
+from .stages import DETECTION, StageSpec, compose_stage_config, get_stage
 
 POLL_ENV = "INTL_SUBMIT_POLL_S"
 
@@ -79,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = _submit(args, list(sys.argv[1:] if argv is None else argv))
         gc.collect()  # submitit's job objects clean up now, not during interpreter shutdown
         return status
-    except SubmitError as e:
+    except UserError as e:  # SubmitError, ConfigError, a stage's own check: the message names the fix
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -113,16 +141,11 @@ class Plan:
 
 
 def _plan_hydra(spec: StageSpec, args) -> Plan:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from .jobs import StageJob
-
     if args.config_file is not None or args.seeds != 1:
         raise SubmitError(f"--config-file and --seeds are detection options; stage {spec.name!r} takes Hydra "
                           "key=value overrides")
     overrides = ([f"name={args.name}"] if args.name else []) + list(args.overrides)
-    cfg = compose_config(spec.name, overrides)
+    cfg = compose_stage_config(spec.name, overrides)
     for key in ("name", "run_dir"):
         if key not in cfg:
             raise SubmitError(f"the {spec.name} config has no top-level key {key!r} (ARCHITECTURE.md requires "
@@ -151,10 +174,6 @@ def _plan_hydra(spec: StageSpec, args) -> Plan:
 
 
 def _plan_detection(spec: StageSpec, args) -> Plan:
-    from pretrain.runlog import is_complete
-
-    from .jobs import DetectionJob
-
     if not args.config_file:
         raise SubmitError("detection needs --config-file F (a detectron2 YAML, e.g. one under configs/detection/)")
     config_file = _absolute(args.config_file)
@@ -204,8 +223,6 @@ def _absolute(path: str) -> Path:
 
 
 def _check_inputs(spec: StageSpec, cfg) -> None:
-    from omegaconf import OmegaConf
-
     for key in spec.input_paths:
         value = OmegaConf.select(cfg, key, default=None)
         if value in (None, "") or not isinstance(value, str):
@@ -213,7 +230,7 @@ def _check_inputs(spec: StageSpec, cfg) -> None:
         if not _absolute(value).exists():
             raise SubmitError(f"{key}={value} does not exist (needed by the {spec.name} stage); fix: pass "
                               f"{key}=<existing path>, or generate the embedded data with "
-                              "`python -m pretrain.synthetic --out data/synthetic`")
+                              "`make data` (= `python -m common.synthetic --out data/synthetic`)")
 
 
 def _preflight(spec: StageSpec, *args, **kwargs) -> None:
@@ -229,10 +246,8 @@ def _preflight(spec: StageSpec, *args, **kwargs) -> None:
         if spec.kind == DETECTION:
             check(*args, **kwargs)
         else:
-            from omegaconf import OmegaConf
-
             check(OmegaConf.create(args[0]), **kwargs)
-    except (ValueError, OSError, RuntimeError, KeyError) as e:
+    except UserError as e:
         raise SubmitError(f"the {spec.name} stage rejects this setup: {e}") from None
 
 
@@ -273,8 +288,6 @@ def _submit(args, argv: list[str]) -> int:
     if spec.kind != DETECTION and plan.state.state == NEW:
         # A resumed run keeps the config.yaml it started with (the stage itself checks that the new
         # config may resume the checkpoint, and says what differs when it may not).
-        from pretrain.runlog import save_config
-
         save_config(run_dir, plan.jobs[0].config)
     folder = run_dir / SUBMITIT_DIR
     executor = make_executor(res, folder)

@@ -4,8 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+from stage_fixtures import ROOT
 
 # Two cores shared by the test process and the ranks it spawns: one thread each avoids oversubscription.
 torch.set_num_threads(int(os.environ.get("INTL_TEST_THREADS", "1")))
@@ -26,7 +25,7 @@ def _restore_environment():
 @pytest.fixture(scope="session")
 def synthetic_root() -> Path:
     """The default embedded datasets (built by `make data`, regenerated here if missing)."""
-    from pretrain.synthetic import SyntheticSpec, generate
+    from common.synthetic import SyntheticSpec, generate
 
     root = ROOT / "data" / "synthetic"
     generate(root, SyntheticSpec())
@@ -36,7 +35,7 @@ def synthetic_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory) -> Path:
     """A very small copy of the embedded datasets for fast end-to-end tests."""
-    from pretrain.synthetic import SyntheticSpec, generate
+    from common.synthetic import SyntheticSpec, generate
 
     root = tmp_path_factory.mktemp("tiny_synthetic")
     generate(root, SyntheticSpec(cls_size=32, cls_train_per_class=12, cls_val_per_class=4,
@@ -49,8 +48,8 @@ def synthetic_pretraining(synthetic_root, tmp_path_factory):
     """A short INTL pretraining by the engine, shared by the slow "pretrained beats random init" tests: the
     synthetic preset (ResNet-18, 32-px views of the embedded set, batch 64) cut at 150 steps.
     Returns (composed config, the run's summary)."""
+    from common.config import compose_config
     from pretrain.train import run
-    from slurm.stages import compose_config
 
     run_dir = tmp_path_factory.mktemp("pretrain") / "intl_synthetic"
     cfg = compose_config("pretrain", ["pretrain/preset=synthetic", f"data.root={synthetic_root / 'classification'}",

@@ -16,9 +16,14 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import atomic_torch_save
-from pretrain.distributed import barrier, init_distributed
-from pretrain.runlog import is_complete, mark_complete, write_json
+from common.atomic import atomic_torch_save, write_json
+from common.config import compose_config
+from common.distributed import barrier, init_distributed
+from common.errors import ConfigError
+from common.runlog import is_complete, mark_complete
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 
 COUNTER_YAML = """\
 name: counter
@@ -58,9 +63,9 @@ def extra_stages_env(config_folder: Path) -> str:
 def validate_config(cfg, world_size: int = 1) -> None:
     """The stage's up-front check (the launcher calls it before queueing): the data folder must exist."""
     if cfg.data.root is not None and not Path(cfg.data.root).is_dir():
-        raise ValueError(f"data.root={cfg.data.root} is not a folder; fix: pass data.root=<existing folder>")
+        raise ConfigError(f"data.root={cfg.data.root} is not a folder; fix: pass data.root=<existing folder>")
     if int(cfg.steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+        raise ConfigError(f"steps must be >= 1, got {cfg.steps}")
 
 
 def run(cfg) -> dict | None:
@@ -103,7 +108,7 @@ def preflight(config_file, opts) -> None:
     import yaml
 
     if not isinstance(yaml.safe_load(Path(config_file).read_text()), dict):
-        raise ValueError(f"{config_file} is not a YAML mapping; fix: pass a detectron2 config file")
+        raise ConfigError(f"{config_file} is not a YAML mapping; fix: pass a detectron2 config file")
 
 
 def run_seed(config_file, opts=(), output_dir=None, resume: bool = True) -> dict | None:
@@ -120,3 +125,16 @@ def run_seed(config_file, opts=(), output_dir=None, resume: bool = True) -> dict
         mark_complete(out, results)
     barrier()
     return results if info.is_main else None
+
+
+def compose_pretrain(overrides=()):
+    """The pretraining config composed the way the launcher does it."""
+    return compose_config("pretrain", list(overrides))
+
+
+def tiny_overrides(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """ResNet-18 (ImageNet stem) on 16-px views of the tiny 32-px synthetic set: ~0.2 s per step."""
+    return [f"data.root={data_root / 'classification'}", f"run_dir={run_dir}", "data.workers=0",
+            "data.augment.views=[{size:16,min_scale:0.2},{size:16,min_scale:0.2}]",
+            "model.arch=resnet18", "model.projector=[64,64,64]", "optim.batch_size=16", "optim.epochs=1",
+            "optim.warmup_epochs=0", "train.log_every=1", "train.spectrum_every=0", *extra]

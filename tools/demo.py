@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -22,8 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pretrain.runlog import is_complete, read_metrics  # noqa: E402
 from demo_report import write_report  # noqa: E402  (tools/, the script's folder)
+
+from common.runlog import is_complete, read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -135,7 +135,7 @@ class Demo:
 
     # --- stages -------------------------------------------------------------------------------
     def generate_data(self) -> None:
-        self.cmd("data", [sys.executable, "-m", "pretrain.synthetic", "--out", str(self.data), *self.settings["data"]])
+        self.cmd("data", [sys.executable, "-m", "common.synthetic", "--out", str(self.data), *self.settings["data"]])
 
     def pretrain(self) -> None:
         out = {}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pretrain.runlog import atomic_write_text, read_metrics, write_json
+from common.atomic import atomic_write_text, save_figure, write_json
+from common.runlog import read_metrics
 
 INITS = ("pretrained", "random")
 PRETRAIN_RUNS = {"resnet18": "demo", "resnet50": "demo-r50"}
@@ -49,8 +50,6 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
 
 
 def _save(fig, path: Path) -> None:
-    from pretrain.plots import save_figure
-
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
 

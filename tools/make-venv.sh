@@ -17,5 +17,5 @@ echo "make venv: installing the pinned packages (requirements/lock.txt); the fir
 # torch 2.3.1. --no-deps: its runtime needs are pinned in requirements/lock.txt.
 "${PIP[@]}" install -q --no-deps "sal-detectron2==0.7.2"
 "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
-"$VENV/bin/python" -c 'import torch, torchvision, detectron2, detectron2._C, pretrain, transfer; print("make venv: ok: torch", torch.__version__, "torchvision", torchvision.__version__, "detectron2", detectron2.__version__)'
+"$VENV/bin/python" -c 'import torch, torchvision, detectron2, detectron2._C, common, pretrain, transfer; print("make venv: ok: torch", torch.__version__, "torchvision", torchvision.__version__, "detectron2", detectron2.__version__)'
 touch "$VENV/.intl-stamp"

@@ -6,7 +6,7 @@
 - transforms (training: RandomResizedCrop + flip; evaluation: resize + centre crop, the paper's 256/224),
   ImageFolder datasets and distributed loaders (an exact, unpadded shard sampler for evaluation);
 - the backbone + classifier: a torchvision ResNet whose ``fc`` is the classifier, loaded from any
-  checkpoint ``pretrain.backbone_weights`` reads, with the load checked (missing keys == the classifier's);
+  checkpoint ``common.backbone_weights`` reads, with the load checked (missing keys == the classifier's);
 - the frozen-backbone check (moco ``main_lincls.py`` sanity check, in our own words);
 - the classifier training loop with epoch checkpoints, resume, progress lines with ETA, TensorBoard and
   metrics.jsonl, top-1/top-5 evaluation, results.json and COMPLETE.
@@ -14,9 +14,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +23,22 @@ from typing import Any, Callable, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from fvcore.common.param_scheduler import CosineParamScheduler, MultiStepParamScheduler
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+from torchvision.transforms import v2
 
-from pretrain import runlog
-from pretrain.backbones import FEATURE_DIMS, build_resnet
-from pretrain.checkpoint import CheckpointError, atomic_torch_save
-from pretrain.distributed import DistInfo, get_rank, get_world_size, is_dist
+from common.atomic import atomic_torch_save, atomic_write_text, save_figure, write_json
+from common.backbone_weights import load_backbone_into, read_backbone_weights
+from common.checkpoint import CheckpointError
+from common.config import merge_onto_schema, to_plain
+from common.distributed import DistInfo, barrier, get_rank, get_world_size, is_dist
+from common.errors import ConfigError
+from common.imagefolder import RobustImageFolder, dataloader_defaults
+from common.resnet import FEATURE_DIMS, build_resnet
+from common.runlog import MetricsLogger, mark_complete, save_config
+from common.schedule import StepSchedule
 
 log = logging.getLogger("transfer")
 
@@ -42,16 +48,12 @@ ENCODERS = ("online", "momentum")
 SCHEDULES = ("step", "cosine")
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(ConfigError):
     """A classification-evaluation config that cannot run; the message names the key and the fix."""
 
 
-class LoadCheckError(RuntimeError):
-    """Loading the backbone did not give exactly the expected missing / unexpected keys."""
-
-
 class FrozenBackboneError(RuntimeError):
-    """The backbone of a linear evaluation changed during training."""
+    """The backbone of a linear evaluation changed during training (a bug, not a user error)."""
 
 
 # ------------------------------------------------------------------------------------------ schema
@@ -131,20 +133,7 @@ def _check(ok: bool, msg: str) -> None:
 
 def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths: bool = True) -> DictConfig:
     """The config merged onto ``EvalSchema`` (unknown keys and wrong types rejected), resolved and checked."""
-    raw = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg)
-    if "hydra" in raw:
-        raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"])
-    schema = OmegaConf.structured(EvalSchema)
-    try:
-        merged = OmegaConf.merge(schema, raw)
-        OmegaConf.resolve(merged)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or ""
-        section = key.split(".")[0] if "." in key else ""
-        valid = (f"; valid keys of {section}: {sorted(schema[section].keys())}" if section in schema
-                 and OmegaConf.is_config(schema[section]) else f"; valid top-level keys: {sorted(schema.keys())}")
-        first_line = (str(getattr(e, "msg", e)).strip().splitlines() or [""])[0]
-        raise EvalConfigError(f"bad {stage} config at {key or '<root>'!r}: {first_line}{valid}") from None
+    merged = merge_onto_schema(cfg, EvalSchema, stage, EvalConfigError)
     m, d, o, t = merged.model, merged.data, merged.optim, merged.train
     _check(merged.encoder in ENCODERS, f"encoder={merged.encoder!r}; choose one of {list(ENCODERS)}")
     _check(m.arch is None or m.arch in FEATURE_DIMS, f"model.arch={m.arch!r} is unknown; choose one of {sorted(FEATURE_DIMS)}")
@@ -184,7 +173,7 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
             _check(folder.is_dir(), f"data.{key} = {str(folder)!r} is not a folder; fix: set data.root to the dataset "
                                     "root holding train/<class>/<image> and val/<class>/<image> (ImageNet layout), or "
                                     f"data.{key} to the ImageFolder itself; for the embedded set run `python -m "
-                                    "pretrain.synthetic --out data/synthetic` and use data.root=data/synthetic/classification")
+                                    "common.synthetic --out data/synthetic` and use data.root=data/synthetic/classification")
         if merged.weights is not None:
             _check(Path(merged.weights).is_file(), f"weights={merged.weights!r} is not a file; fix: pass a pretraining "
                                                    "last.pth, a converted torchvision .pth, or weights=null for random init")
@@ -196,8 +185,6 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
 
 # ------------------------------------------------------------------------------------------ data
 def train_transform(d: DictConfig):
-    from torchvision.transforms import v2
-
     return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(d.train_crop, scale=(d.min_scale, 1.0), antialias=True),
                        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(list(d.mean), list(d.std))])
@@ -205,16 +192,19 @@ def train_transform(d: DictConfig):
 
 def eval_transform(d: DictConfig):
     """Resize the shorter side to ``val_resize`` and centre-crop ``val_crop`` (ImageNet: 256 / 224)."""
-    from torchvision.transforms import v2
-
     return v2.Compose([v2.ToImage(), v2.Resize(d.val_resize, antialias=True), v2.CenterCrop(d.val_crop),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(d.mean), list(d.std))])
 
 
 def image_folder(d: DictConfig, split_key: str, transform):
-    from pretrain.data import RobustImageFolder
-
     return RobustImageFolder(Path(d[split_key]), transform=transform)
+
+
+def labelled_sets(d: DictConfig, train_tf, val_tf):
+    """The training and validation ImageFolders of ``d`` (``train_dir`` / ``val_dir``), same classes."""
+    train_ds, val_ds = image_folder(d, "train_dir", train_tf), image_folder(d, "val_dir", val_tf)
+    check_same_classes(train_ds, val_ds)
+    return train_ds, val_ds
 
 
 def check_same_classes(train_ds, val_ds) -> None:
@@ -242,8 +232,6 @@ class ShardSampler(Sampler[int]):
 
 
 def _loader_kw(workers: int) -> dict:
-    from pretrain.data import dataloader_defaults
-
     kw = dataloader_defaults(workers)
     kw.pop("prefetch_factor", None)  # one decoded view per image: torch's default prefetch is enough
     return kw
@@ -252,8 +240,6 @@ def _loader_kw(workers: int) -> dict:
 def train_loader(dataset: Dataset, global_batch: int, seed: int, workers: int) -> DataLoader:
     """Shuffled, distributed (DistributedSampler; call ``.sampler.set_epoch``), drops the last partial batch
     when there is more than one batch in the epoch."""
-    from torch.utils.data.distributed import DistributedSampler
-
     world = get_world_size()
     per_proc = global_batch // world
     sampler = DistributedSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=seed, drop_last=False)
@@ -281,13 +267,11 @@ def build_model(cfg: DictConfig, num_classes: int | None) -> LoadedBackbone:
     """The backbone from ``cfg.weights`` (or random init) with a linear classifier (None: no classifier).
 
     The checkpoint decides the architecture; ``model.arch`` / ``model.small_stem`` given as well must agree.
-    The load is checked: missing keys must be exactly the classifier's and nothing may be unexpected
-    (LoadCheckError names the keys otherwise).
+    The load is checked by ``common.backbone_weights.load_backbone_into``: every backbone key must load,
+    nothing may be unexpected, the classifier stays as initialised here.
     """
     state, kind, source = None, "random", "random init"
     if cfg.weights is not None:
-        from pretrain.backbone_weights import read_backbone_weights
-
         w = read_backbone_weights(cfg.weights, encoder=cfg.encoder)
         for key, value in (("arch", w.arch), ("small_stem", w.small_stem)):
             if cfg.model[key] is not None and cfg.model[key] != value:
@@ -304,33 +288,14 @@ def build_model(cfg: DictConfig, num_classes: int | None) -> LoadedBackbone:
     torch.manual_seed(int(cfg.seed))
     model = build_resnet(arch, small_stem=small_stem)
     dim = model.feature_dim  # from the architecture, never hard-coded
-    expected_missing: set[str] = set()
     if num_classes is not None:
         model.fc = nn.Linear(dim, num_classes)
         # The usual linear-probe initialisation (moco / the paper's code): N(0, 0.01), zero bias.
         nn.init.normal_(model.fc.weight, std=0.01)
         nn.init.zeros_(model.fc.bias)
-        expected_missing = set(CLASSIFIER_KEYS)
     if state is not None:
-        check_load(model, state, expected_missing)
+        load_backbone_into(model, state, source=source)
     return LoadedBackbone(model, arch, small_stem, dim, source, kind)
-
-
-def check_load(model: nn.Module, state: dict, expected_missing: set[str]) -> None:
-    """``load_state_dict(strict=False)``, then insist that exactly ``expected_missing`` was missing."""
-    result = model.load_state_dict(state, strict=False)
-    missing, unexpected = set(result.missing_keys), set(result.unexpected_keys)
-    if missing != expected_missing or unexpected:
-        parts = []
-        if missing - expected_missing:
-            parts.append(f"backbone keys missing from the checkpoint: {sorted(missing - expected_missing)[:10]}")
-        if expected_missing - missing:
-            parts.append(f"classifier keys unexpectedly present in the checkpoint: {sorted(expected_missing - missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {sorted(unexpected)[:10]}")
-        raise LoadCheckError("loading the backbone did not match the model (" + "; ".join(parts) + "); the missing "
-                             f"keys must be exactly the classifier's {sorted(expected_missing)}; fix: pass a checkpoint "
-                             "of the same architecture (intl-convert --check shows what a file holds)")
 
 
 def backbone_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -346,6 +311,13 @@ def check_frozen(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
         raise FrozenBackboneError(f"the backbone changed during linear evaluation ({len(changed)} tensors, e.g. "
                                   f"{changed[:5]}): it must stay frozen (requires_grad False, eval mode, only fc in "
                                   "the optimizer); the results are not a linear evaluation")
+
+
+def data_parallel(model: nn.Module, info: DistInfo) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel when there are several processes."""
+    if info.world_size == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -378,10 +350,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
 # ------------------------------------------------------------------------------------------ schedule
 def lr_factor_schedule(o: DictConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
     """step -> multiplier of the peak lr: ``step`` (x gamma at each milestone epoch) or ``cosine`` (to 0)."""
-    from fvcore.common.param_scheduler import CosineParamScheduler, MultiStepParamScheduler
-
-    from pretrain.optim import StepSchedule
-
     if o.schedule == "cosine":
         return StepSchedule(CosineParamScheduler(1.0, 0.0), total_steps, offset=0)
     milestones = [m * steps_per_epoch for m in o.milestones if m * steps_per_epoch < total_steps]
@@ -393,48 +361,27 @@ def lr_factor_schedule(o: DictConfig, total_steps: int, steps_per_epoch: int) ->
 
 
 # ------------------------------------------------------------------------------------------ run scaffolding
-def ensure_logging() -> None:
-    if logging.getLogger().handlers or log.handlers:
-        if log.level == logging.NOTSET:
-            log.setLevel(logging.INFO)
-        return
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+def open_run(run_dir: Path, cfg: DictConfig, info: DistInfo) -> MetricsLogger:
+    """config.yaml (rank 0) and the metrics logger (a no-op on the other ranks)."""
+    if info.is_main:
+        save_config(run_dir, cfg)
+    return MetricsLogger(run_dir, enabled=info.is_main)
 
 
-def cpu_threads_per_process(info: DistInfo) -> None:
-    """On CPU several processes share the machine: give each its share of the cores."""
-    import os
-
-    if info.device.type != "cpu" or info.world_size == 1:
-        return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-    share = max(1, (os.cpu_count() or 1) // max(local, 1))
-    if torch.get_num_threads() > share:
-        torch.set_num_threads(share)
-
-
-def completed_results(run_dir: Path, info: DistInfo) -> dict | None:
-    """The results of a run that is already complete (None when it is not)."""
-    if not runlog.is_complete(run_dir):
-        return None
-    res_path = run_dir / "results.json"
-    results = json.loads(res_path.read_text()) if res_path.exists() else {}
-    log.info("run %s is already complete (top-1 %s); nothing to do", run_dir, results.get("top1"))
-    return {**results, "already_complete": True} if info.is_main else None
+def results_record(stage: str, cfg: DictConfig, loaded: LoadedBackbone, info: DistInfo, **figures: Any) -> dict:
+    """results.json of a classification evaluation: ``figures`` (top1, top5, n_train, ...) plus what every
+    evaluation records about its source, backbone, processes and config."""
+    return {"stage": stage, **figures, "source_checkpoint": cfg.weights, "encoder": cfg.encoder,
+            "weights_kind": loaded.kind, "arch": loaded.arch, "small_stem": loaded.small_stem,
+            "feature_dim": loaded.feature_dim, "world_size": info.world_size, "config": to_plain(cfg)}
 
 
 def finish(run_dir: Path, info: DistInfo, results: dict) -> dict | None:
     """results.json + COMPLETE (rank 0), a barrier so that no rank leaves before the files exist."""
-    from pretrain.distributed import barrier
-
     if info.is_main:
-        runlog.write_json(run_dir / "results.json", results)
-        runlog.atomic_write_text(run_dir / "results.md", results_table(results))
-        runlog.mark_complete(run_dir, {"top1": results.get("top1"), "top5": results.get("top5")})
+        write_json(run_dir / "results.json", results)
+        atomic_write_text(run_dir / "results.md", results_table(results))
+        mark_complete(run_dir, {"top1": results.get("top1"), "top5": results.get("top5")})
         log.info("results: top-1 %.2f  top-5 %.2f -> %s", results.get("top1", float("nan")),
                  results.get("top5", float("nan")), run_dir / "results.json")
     barrier()
@@ -478,7 +425,7 @@ class FitResult:
 
 def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_lrs: list[float],
                    train_data: DataLoader, val_data: DataLoader, cfg: DictConfig, info: DistInfo,
-                   run_dir: Path, logger: runlog.MetricsLogger, set_mode: Callable[[nn.Module], None],
+                   run_dir: Path, logger: MetricsLogger, set_mode: Callable[[nn.Module], None],
                    state_to_save: Callable[[], dict], state_to_load: Callable[[dict], None]) -> FitResult:
     """The classifier training loop shared by linear and semi-supervised evaluation.
 
@@ -545,7 +492,7 @@ def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_l
         if info.is_main:
             atomic_torch_save({"format": CLASSIFIER_FORMAT, "model": state_to_save(), "optimizer": optimizer.state_dict(),
                                "epoch": epoch + 1, "step": step, "best_top1": best, "history": history,
-                               "config": OmegaConf.to_container(cfg, resolve=True)}, ckpt)
+                               "config": to_plain(cfg)}, ckpt)
     return FitResult(final=final, best_top1=best, epochs=o.epochs, steps=step, history=history)
 
 
@@ -557,8 +504,6 @@ def write_plot(run_dir: Path, history: list, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pretrain.plots import save_figure
 
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -572,30 +517,4 @@ def write_plot(run_dir: Path, history: list, title: str) -> None:
     fig.tight_layout()
     save_figure(fig, run_dir / "accuracy.png", dpi=100)
 
-
-def config_dict(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
-def hydra_main(stage: str, run: Callable[[DictConfig], Any]) -> None:
-    """``python -m transfer.<stage> key=value ...``: errors a user can cause print one line and exit 2."""
-    import hydra
-
-    @hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "configs"), config_name=stage,
-                version_base="1.3")
-    def main(cfg: DictConfig) -> None:
-        from pretrain.data import DataRootError
-
-        from transfer.subsets import SubsetError
-
-        try:
-            results = run(cfg)
-        except (EvalConfigError, LoadCheckError, FrozenBackboneError, CheckpointError, SubsetError,
-                DataRootError, FileNotFoundError) as e:
-            print(f"{stage}: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        if results is not None:
-            print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2))
-
-    main()
 

@@ -1,6 +1,6 @@
 """`intl-convert INPUT OUTPUT [--to detectron2|torchvision] [--encoder online|momentum] [--check]`.
 
-Converts a backbone from any checkpoint that :mod:`pretrain.backbone_weights` reads (this project's
+Converts a backbone from any checkpoint that :mod:`common.backbone_weights` reads (this project's
 pretraining checkpoints, the official INTL ones, MoCo-style ones, plain torchvision ResNets) into
 
 - ``detectron2``: a pickle ``{"model": {d2 name: numpy array}, "__author__": ..., "matching_heuristics": True}``
@@ -35,7 +35,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import warnings
 from collections import Counter, OrderedDict
 from contextlib import contextmanager
@@ -46,9 +45,12 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from pretrain.backbone_weights import BackboneWeights, load_backbone_into, read_backbone_weights
-from pretrain.backbones import build_resnet
-from pretrain.checkpoint import CheckpointError, atomic_torch_save
+from common.atomic import atomic_path, atomic_pickle_dump, atomic_torch_save
+from common.backbone_weights import BackboneWeights, load_backbone_into, read_backbone_weights
+from common.checkpoint import CheckpointError
+from common.config import config_dir
+from common.errors import UserError
+from common.resnet import build_resnet
 
 FORMATS = ("detectron2", "torchvision")
 # torchvision's ImageNet normalisation (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) on detectron2's 0-255 scale.
@@ -58,7 +60,7 @@ PIXEL_MEAN = [round(255 * m, 3) for m in TORCHVISION_MEAN]  # [123.675, 116.28, 
 PIXEL_STD = [round(255 * s, 3) for s in TORCHVISION_STD]  # [58.395, 57.12, 57.375]
 DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 DEFAULT_TOLERANCE = 1e-5  # max |d2 - torchvision| / max |torchvision output|; a correct conversion gives ~1e-6
-TRANSFER_C4_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detection" / "coco_R_50_C4_1x.yaml"
+TRANSFER_C4_CONFIG = config_dir() / "detection" / "coco_R_50_C4_1x.yaml"
 _STAGES = (("res2", "layer1"), ("res3", "layer2"), ("res4", "layer3"), ("res5", "layer4"))
 
 
@@ -152,7 +154,7 @@ def verify_torchvision_file(path: Path, weights: BackboneWeights) -> str:
 
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if weights.small_stem:
-        model, target = build_resnet(weights.arch, small_stem=True), f"pretrain.backbones.build_resnet({weights.arch!r}, small_stem=True)"
+        model, target = build_resnet(weights.arch, small_stem=True), f"common.resnet.build_resnet({weights.arch!r}, small_stem=True)"
     else:
         model, target = getattr(torchvision.models, weights.arch)(weights=None), f"torchvision.models.{weights.arch}()"
     try:
@@ -465,12 +467,10 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: s
         log(f"  {len(weights.filled)} BN num_batches_tracked counters absent in the input (set to 0)")
     _log_skipped(weights, log, verbose)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(output)
-    try:
+    with atomic_path(output) as tmp:  # checked before the rename: a failed check writes nothing
         if fmt == "detectron2":
             ckpt = detectron2_checkpoint(weights)
-            _write_pickle(ckpt, tmp)
+            atomic_pickle_dump(ckpt, tmp)
             converted = len(ckpt["model"])
             _log_renames(weights, log, verbose)
             log(f"verified: {verify_detectron2_file(tmp, ckpt)}")
@@ -492,10 +492,6 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: s
             if check:
                 log("check: the torchvision output was reloaded and compared key by key (--check's numerical "
                     "comparison applies to detectron2 output)")
-        _default_permissions(tmp)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
 
     if fmt == "detectron2":
         log(f"wrote {output}: {converted} tensors converted to detectron2 ResNet names "
@@ -507,7 +503,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: s
         log(f"  MODEL.WEIGHTS {output}")
     else:
         log(f"wrote {output}: torchvision {weights.arch} state_dict with {converted} tensors (no fc.*)"
-            + ("; load it into pretrain.backbones.build_resnet(..., small_stem=True)" if weights.small_stem else ""))
+            + ("; load it into common.resnet.build_resnet(..., small_stem=True)" if weights.small_stem else ""))
     return ConvertResult(output=output, fmt=fmt, weights=weights, converted=converted, check=report)
 
 
@@ -573,27 +569,6 @@ def _check_failure(report: CheckReport) -> str:
     return "check failed: " + "; ".join(parts) + "; no output was written"
 
 
-def _temp_path(output: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=f".tmp{output.suffix}", dir=output.parent)
-    os.close(fd)
-    return Path(name)
-
-
-def _default_permissions(path: Path) -> None:
-    """mkstemp creates files readable by the owner only; give the output the usual umask-based mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _write_pickle(obj, path: Path) -> None:
-    # pretrain.checkpoint.atomic_torch_save writes torch's zip format; detectron2 reads *.pkl with plain pickle.
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -629,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckFailed as e:
         print(f"intl-convert: {e}", file=sys.stderr)
         return 1
-    except CheckpointError as e:  # includes ConversionError: a problem the user can fix
+    except UserError as e:  # ConversionError, CheckpointError, ...: a problem the user can fix
         print(f"intl-convert: error: {e}; no output was written", file=sys.stderr)
         return 2
     return 0

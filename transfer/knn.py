@@ -16,26 +16,12 @@ import time
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from pretrain.distributed import get_world_size, is_dist
-
-
-def _gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """all_gather of tensors whose first dimension differs between ranks (rank order kept)."""
-    if not is_dist() or get_world_size() == 1:
-        return x
-    world = get_world_size()
-    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    out = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded.contiguous())
-    return torch.cat([o[:s] for o, s in zip(out, sizes)], dim=0)
+from common.distributed import gather_rows, get_world_size, is_dist
+from common.runlog import MetricsLogger, save_config
+from common.stage import begin, hydra_main
+from transfer import classification as C
 
 
 def _sampler_indices(loader) -> list[int] | None:
@@ -80,7 +66,7 @@ def extract_features(backbone: torch.nn.Module, loader: Iterable, device: torch.
         raise ValueError("extract_features in a distributed run needs a DistributedSampler (shuffle=False) on "
                          "the loader, so that each rank extracts its own shard")
     idx = torch.tensor(indices[: feats.shape[0]], device=feats.device, dtype=torch.long)
-    all_idx, all_feats, all_labels = _gather_rows(idx), _gather_rows(feats), _gather_rows(labels)
+    all_idx, all_feats, all_labels = gather_rows(idx), gather_rows(feats), gather_rows(labels)
     n = int(all_idx.max().item()) + 1 if all_idx.numel() else 0
     out_feats = all_feats.new_zeros((n, all_feats.shape[1]))
     out_labels = all_labels.new_full((n,), -1)
@@ -141,9 +127,7 @@ STAGE = "knn"
 
 
 def validate_config(cfg, world_size: int = 1, check_paths: bool = True):
-    from transfer.classification import validate_eval_config
-
-    return validate_eval_config(cfg, STAGE, world_size=world_size, check_paths=check_paths)
+    return C.validate_eval_config(cfg, STAGE, world_size=world_size, check_paths=check_paths)
 
 
 def run(cfg) -> dict | None:
@@ -151,25 +135,14 @@ def run(cfg) -> dict | None:
     validation images (evaluation transform), then k=``knn.k`` plain and k=``knn.weighted_k`` weighted votes.
     top1/top5 in results.json are the plain k-NN's (the paper's tables); the weighted ones are under
     ``weighted``."""
-    from pathlib import Path
-
-    from pretrain import runlog
-    from pretrain.distributed import init_distributed
-    from transfer import classification as C
-
-    C.ensure_logging()
-    info = init_distributed()
-    cfg = validate_config(cfg, world_size=info.world_size)
-    C.cpu_threads_per_process(info)
-    run_dir = Path(cfg.run_dir)
-    if runlog.is_complete(run_dir):
-        return C.completed_results(run_dir, info)
+    start = begin(cfg, validate_config, C.log)
+    if start.done is not None:
+        return start.finished_result()
+    cfg, info, run_dir = start.cfg, start.info, start.run_dir
     if info.is_main:
-        runlog.save_config(run_dir, cfg)
+        save_config(run_dir, cfg)
     transform = C.eval_transform(cfg.data)
-    train_ds = C.image_folder(cfg.data, "train_dir", transform)
-    val_ds = C.image_folder(cfg.data, "val_dir", transform)
-    C.check_same_classes(train_ds, val_ds)
+    train_ds, val_ds = C.labelled_sets(cfg.data, transform, transform)
     loaded = C.build_model(cfg, num_classes=None)
     backbone = loaded.model.to(info.device)
     C.log.info("k-NN evaluation of %s (%s, %s, feature dim %d): %d train / %d val images, %d classes",
@@ -188,7 +161,7 @@ def run(cfg) -> dict | None:
         plain = knn_accuracy(tr_f, tr_y, va_f, va_y, k=cfg.knn.k, weighted=False, num_classes=n_cls)
         weighted = (knn_accuracy(tr_f, tr_y, va_f, va_y, k=cfg.knn.weighted_k, weighted=True,
                                  temperature=cfg.knn.temperature, num_classes=n_cls) if cfg.knn.weighted_k else None)
-        logger = runlog.MetricsLogger(run_dir, enabled=True)
+        logger = MetricsLogger(run_dir, enabled=True)
         logger.log(0, prefix=f"knn{plain['k']}/", top1=plain["top1"], top5=plain["top5"])
         if weighted:
             logger.log(0, prefix=f"knn{weighted['k']}_weighted/", top1=weighted["top1"], top5=weighted["top5"])
@@ -196,17 +169,11 @@ def run(cfg) -> dict | None:
         C.log.info("k-NN (k=%d): top-1 %.2f top-5 %.2f%s  [%.0fs]", plain["k"], plain["top1"], plain["top5"],
                    f"; weighted k-NN (k={weighted['k']}, T={cfg.knn.temperature}): top-1 {weighted['top1']:.2f} "
                    f"top-5 {weighted['top5']:.2f}" if weighted else "", time.time() - t0)
-        results = {
-            "stage": STAGE, "top1": plain["top1"], "top5": plain["top5"], "k": plain["k"], "weighted": weighted,
-            "epochs": 0, "subset": None, "source_checkpoint": cfg.weights, "encoder": cfg.encoder,
-            "weights_kind": loaded.kind, "arch": loaded.arch, "small_stem": loaded.small_stem,
-            "feature_dim": loaded.feature_dim, "num_classes": n_cls, "n_train": int(tr_f.shape[0]),
-            "n_val": int(va_f.shape[0]), "world_size": info.world_size, "config": C.config_dict(cfg),
-        }
+        results = C.results_record(
+            STAGE, cfg, loaded, info, top1=plain["top1"], top5=plain["top5"], k=plain["k"], weighted=weighted,
+            epochs=0, subset=None, num_classes=n_cls, n_train=int(tr_f.shape[0]), n_val=int(va_f.shape[0]))
     return C.finish(run_dir, info, results or {})
 
 
 if __name__ == "__main__":
-    from transfer.classification import hydra_main
-
     hydra_main(STAGE, run)

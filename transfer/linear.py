@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from pretrain import runlog
+from common.stage import begin, hydra_main
 from transfer import classification as C
 
 STAGE = "linear"
@@ -43,20 +43,13 @@ def linear_mode(model: nn.Module) -> None:
 
 
 def run(cfg: DictConfig) -> dict | None:
-    from pretrain.distributed import init_distributed
-
-    C.ensure_logging()
-    info = init_distributed()
-    cfg = validate_config(cfg, world_size=info.world_size)
-    C.cpu_threads_per_process(info)
-    run_dir = Path(cfg.run_dir)
-    if runlog.is_complete(run_dir):
-        return C.completed_results(run_dir, info)
+    start = begin(cfg, validate_config, C.log)
+    if start.done is not None:
+        return start.finished_result()
+    cfg, info, run_dir = start.cfg, start.info, start.run_dir
     torch.manual_seed(cfg.seed)
 
-    train_ds = C.image_folder(cfg.data, "train_dir", C.train_transform(cfg.data))
-    val_ds = C.image_folder(cfg.data, "val_dir", C.eval_transform(cfg.data))
-    C.check_same_classes(train_ds, val_ds)
+    train_ds, val_ds = C.labelled_sets(cfg.data, C.train_transform(cfg.data), C.eval_transform(cfg.data))
     loaded = C.build_model(cfg, num_classes=len(train_ds.classes))
     model = loaded.model.to(info.device)
     freeze_backbone(model)
@@ -64,13 +57,8 @@ def run(cfg: DictConfig) -> dict | None:
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.optim.base_lr * cfg.optim.batch_size / 256.0
     optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-    net = model
-    if info.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-
-    if info.is_main:
-        runlog.save_config(run_dir, cfg)
-    logger = runlog.MetricsLogger(run_dir, enabled=info.is_main)
+    net = C.data_parallel(model, info)
+    logger = C.open_run(run_dir, cfg, info)
     C.log.info("linear evaluation of %s (%s, %s, feature dim %d) on %s: %d train / %d val images, %d classes",
                loaded.source, loaded.arch, loaded.kind, loaded.feature_dim, cfg.data.root, len(train_ds), len(val_ds),
                len(train_ds.classes))
@@ -85,19 +73,15 @@ def run(cfg: DictConfig) -> dict | None:
     finally:
         logger.close()
     C.log.info("frozen-backbone check passed: no backbone tensor changed")
-    results = {
-        "stage": STAGE, "top1": fit.final["top1"], "top5": fit.final["top5"], "best_top1": fit.best_top1,
-        "epochs": fit.epochs, "steps": fit.steps, "subset": None,
-        "source_checkpoint": cfg.weights, "encoder": cfg.encoder, "weights_kind": loaded.kind,
-        "arch": loaded.arch, "small_stem": loaded.small_stem, "feature_dim": loaded.feature_dim,
-        "num_classes": len(train_ds.classes), "n_train": len(train_ds), "n_val": fit.final.get("n", len(val_ds)),
-        "world_size": info.world_size, "batch_size": cfg.optim.batch_size, "lr": lr,
-        "frozen_backbone_check": "passed", "history": fit.history, "config": C.config_dict(cfg),
-    }
+    results = C.results_record(
+        STAGE, cfg, loaded, info, top1=fit.final["top1"], top5=fit.final["top5"], best_top1=fit.best_top1,
+        epochs=fit.epochs, steps=fit.steps, subset=None, num_classes=len(train_ds.classes), n_train=len(train_ds),
+        n_val=fit.final.get("n", len(val_ds)), batch_size=cfg.optim.batch_size, lr=lr,
+        frozen_backbone_check="passed", history=fit.history)
     if info.is_main:
         C.write_plot(run_dir, fit.history, f"linear eval: {Path(str(cfg.weights)).name if cfg.weights else 'random init'}")
     return C.finish(run_dir, info, results)
 
 
 if __name__ == "__main__":
-    C.hydra_main(STAGE, run)
+    hydra_main(STAGE, run)

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from omegaconf import DictConfig
 from torch.utils.data import Subset
 
-from pretrain import runlog
+from common.stage import begin, hydra_main
 from transfer import classification as C
 from transfer import subsets
 
@@ -50,20 +49,13 @@ def select_subset(cfg: DictConfig, train_ds, run_dir: Path, is_main: bool) -> tu
 
 
 def run(cfg: DictConfig) -> dict | None:
-    from pretrain.distributed import init_distributed
-
-    C.ensure_logging()
-    info = init_distributed()
-    cfg = validate_config(cfg, world_size=info.world_size)
-    C.cpu_threads_per_process(info)
-    run_dir = Path(cfg.run_dir)
-    if runlog.is_complete(run_dir):
-        return C.completed_results(run_dir, info)
+    start = begin(cfg, validate_config, C.log)
+    if start.done is not None:
+        return start.finished_result()
+    cfg, info, run_dir = start.cfg, start.info, start.run_dir
     torch.manual_seed(cfg.seed)
 
-    full_train = C.image_folder(cfg.data, "train_dir", C.train_transform(cfg.data))
-    val_ds = C.image_folder(cfg.data, "val_dir", C.eval_transform(cfg.data))
-    C.check_same_classes(full_train, val_ds)
+    full_train, val_ds = C.labelled_sets(cfg.data, C.train_transform(cfg.data), C.eval_transform(cfg.data))
     indices, subset_info = select_subset(cfg, full_train, run_dir, info.is_main)
     train_ds = Subset(full_train, indices)
     loaded = C.build_model(cfg, num_classes=len(full_train.classes))
@@ -73,13 +65,8 @@ def run(cfg: DictConfig) -> dict | None:
     groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("fc.")], "lr": backbone_lr},
               {"params": list(model.fc.parameters()), "lr": head_lr}]
     optimizer = torch.optim.SGD(groups, lr=head_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-    net = model
-    if info.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-
-    if info.is_main:
-        runlog.save_config(run_dir, cfg)
-    logger = runlog.MetricsLogger(run_dir, enabled=info.is_main)
+    net = C.data_parallel(model, info)
+    logger = C.open_run(run_dir, cfg, info)
     C.log.info("semi-supervised fine-tuning of %s (%s, %s, feature dim %d): %d labelled of %d train images "
                "(%s), %d val images, %d classes; backbone lr %.4g, classifier lr %.4g", loaded.source, loaded.arch,
                loaded.kind, loaded.feature_dim, len(train_ds), len(full_train),
@@ -94,19 +81,15 @@ def run(cfg: DictConfig) -> dict | None:
             state_to_save=model.state_dict, state_to_load=model.load_state_dict)
     finally:
         logger.close()
-    results = {
-        "stage": STAGE, "top1": fit.final["top1"], "top5": fit.final["top5"], "best_top1": fit.best_top1,
-        "epochs": fit.epochs, "steps": fit.steps, "subset": subset_info,
-        "source_checkpoint": cfg.weights, "encoder": cfg.encoder, "weights_kind": loaded.kind,
-        "arch": loaded.arch, "small_stem": loaded.small_stem, "feature_dim": loaded.feature_dim,
-        "num_classes": len(full_train.classes), "n_train": len(train_ds), "n_val": fit.final.get("n", len(val_ds)),
-        "world_size": info.world_size, "batch_size": cfg.optim.batch_size,
-        "backbone_lr": backbone_lr, "classifier_lr": head_lr, "history": fit.history, "config": C.config_dict(cfg),
-    }
+    results = C.results_record(
+        STAGE, cfg, loaded, info, top1=fit.final["top1"], top5=fit.final["top5"], best_top1=fit.best_top1,
+        epochs=fit.epochs, steps=fit.steps, subset=subset_info, num_classes=len(full_train.classes),
+        n_train=len(train_ds), n_val=fit.final.get("n", len(val_ds)), batch_size=cfg.optim.batch_size,
+        backbone_lr=backbone_lr, classifier_lr=head_lr, history=fit.history)
     if info.is_main:
         C.write_plot(run_dir, fit.history, f"semi-supervised ({len(train_ds)} labelled)")
     return C.finish(run_dir, info, results)
 
 
 if __name__ == "__main__":
-    C.hydra_main(STAGE, run)
+    hydra_main(STAGE, run)

@@ -23,12 +23,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pretrain.runlog import atomic_write_text
+from common.atomic import atomic_write_text
+from common.errors import UserError
 
 _ENTRY = re.compile(r"^([^_/\\\s]+)_([^/\\\s]+)\.([A-Za-z0-9]+)$")
 
 
-class SubsetError(ValueError):
+class SubsetError(UserError, ValueError):
     """A subset list that does not fit the dataset; the message names the problem and the fix."""
 
 

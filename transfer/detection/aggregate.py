@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from pretrain.runlog import atomic_write_text, write_json
+from common.atomic import atomic_write_text, write_json
 from transfer.detection.config import DetectionSetupError
 from transfer.detection.report import TABLE_METRICS, TABLE_TASKS
 

@@ -17,12 +17,14 @@ from pathlib import Path
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from common.config import config_dir
+from common.errors import UserError
 
 # The first key of configs/detection/Base-RCNN-C4-BN.yaml: plain detectron2 rejects it by this name.
 MARKER_KEY = "REQUIRES_transfer_detection_train_net"
 
 
-class DetectionSetupError(ValueError):
+class DetectionSetupError(UserError, ValueError):
     """A problem the user can fix before training (config, data, weights); the message says how."""
 
 
@@ -79,7 +81,7 @@ def load_config(config_file: str | Path, opts: list[str] | tuple[str, ...] = ())
 
 
 def _config_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "configs" / "detection"
+    return config_dir() / "detection"
 
 
 def resolve_norm(requested: str, world_size: int, cuda: bool) -> str:

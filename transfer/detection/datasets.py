@@ -120,7 +120,7 @@ def check_dataset_files(cfg) -> list[Path]:
             "detection data missing:\n  " + "\n  ".join(missing) +
             f"\nfix: put COCO 2017 / VOC under the data root in detectron2's layout (now {root}; set INTL.DATA_ROOT "
             "or $DETECTRON2_DATASETS), or correct the paths in INTL.COCO_JSON_SETS "
-            "(the embedded set: python -m pretrain.synthetic --out data/synthetic)")
+            "(the embedded set: python -m common.synthetic --out data/synthetic)")
     return checked
 
 

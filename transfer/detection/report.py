@@ -11,7 +11,8 @@ import math
 import os
 from pathlib import Path
 
-from pretrain.runlog import read_metrics, write_json
+from common.atomic import save_figure, write_json
+from common.runlog import read_metrics
 
 # Table 3 of the paper: AP50, AP, AP75 for bbox, then the same for segm.
 TABLE_TASKS = ("bbox", "segm")
@@ -41,8 +42,6 @@ def plot_loss_curve(output_dir: str | os.PathLike, rows: list[dict], title: str 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pretrain.plots import save_figure
 
     losses = training_losses(rows)
     if not losses:

@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 
 import transfer.detection  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
-from pretrain.distributed import DistInfo, barrier, init_distributed
-from pretrain.runlog import atomic_write_text, is_complete, mark_complete
+from common.atomic import atomic_write_text
+from common.distributed import DistInfo, barrier, init_distributed
+from common.errors import UserError
+from common.runlog import is_complete, mark_complete
 from transfer.detection.config import DetectionSetupError, adjust_for_run, load_config
 from transfer.detection.datasets import check_dataset_files, register_datasets
 from transfer.detection.report import write_run_outputs
@@ -238,8 +240,8 @@ def main(argv=None) -> int:
                                args=(args.num_gpus, _free_port(), args.config_file, args.opts, args.output_dir, args.resume))
             return 0
         results = run_task(args.config_file, args.opts, args.output_dir, resume=args.resume)
-    except DetectionSetupError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # DetectionSetupError, CheckpointError, ...: the message names the fix
+        print(f"detection: error: {e}", file=sys.stderr)
         return 2
     if results:
         print(json.dumps({t: {m: results[t].get(m) for m in ("AP50", "AP", "AP75")} for t in ("bbox", "segm") if t in results}))

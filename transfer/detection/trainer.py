@@ -23,9 +23,9 @@ from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTraine
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from torch.nn.parallel import DistributedDataParallel
 
-from pretrain.checkpoint import atomic_torch_save
-from pretrain.distributed import get_world_size
-from pretrain.runlog import MetricsLogger, atomic_write_text
+from common.atomic import atomic_torch_save, atomic_write_text
+from common.distributed import get_world_size
+from common.runlog import MetricsLogger
 from transfer.detection.weights import CheckedDetectionCheckpointer
 
 logger = logging.getLogger("transfer.detection")

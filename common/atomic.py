@@ -1,0 +1,93 @@
+"""Atomic file output: write to a temporary file in the target's folder, fsync, rename over the target.
+
+A crash (or Ctrl-C, or a Slurm kill) at any point leaves either the previous file or the new one, never a
+torn one. Every file the project writes goes through ``atomic_path``; the writers below are the only
+ones (text, JSON, torch, pickle, PNG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; on success it is fsynced and renamed to ``path``.
+
+    An exception inside the block removes the temporary file and leaves ``path`` as it was. The temporary
+    name keeps the target's suffix (some writers, e.g. matplotlib, pick the format by it). The file gets
+    the usual umask-based permissions (mkstemp alone would make it owner-only).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def jsonable(x: Any) -> Any:
+    """``json.dumps(default=...)`` for tensors / numpy scalars (``.item()``) and paths."""
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=jsonable) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` (torch's zip format) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def atomic_pickle_dump(obj: Any, path: str | os.PathLike) -> Path:
+    """Plain ``pickle`` (what detectron2 reads for ``*.pkl`` weights) to ``path`` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return Path(path)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110, bbox_inches: str | None = None) -> Path:
+    """Writes a matplotlib figure as PNG atomically (never half a plot) and closes it."""
+    import matplotlib.pyplot as plt  # only processes that plot pay for matplotlib
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches=bbox_inches)
+    finally:
+        plt.close(fig)
+    return path

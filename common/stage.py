@@ -1,0 +1,81 @@
+"""The start and the end every Hydra stage (pretrain, linear, semi, knn) shares.
+
+``begin(cfg, validate, log)``: console logging, the process group from the launcher's environment, the
+config checked against the stage's schema, the CPU cores shared between the processes of one job, and
+the results of a run that is already complete. ``hydra_main(stage, run)``: ``python -m <module>
+key=value ...``; a ``UserError`` prints one line and exits 2, anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+from common.atomic import jsonable
+from common.config import config_dir
+from common.distributed import DistInfo, cpu_threads_per_process, init_distributed
+from common.errors import UserError
+from common.runlog import is_complete, previous_results
+
+
+def ensure_logging(log: logging.Logger) -> None:
+    """A console handler for ``log`` when nobody (Hydra, the launcher) configured one."""
+    if logging.getLogger().handlers or log.handlers:
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.INFO)
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+@dataclass
+class Start:
+    cfg: DictConfig           # validated, resolved
+    info: DistInfo
+    run_dir: Path
+    done: dict | None         # the results of an already complete run (every rank), else None
+
+    def finished_result(self) -> dict | None:
+        """What ``run`` returns for an already complete run: its results on rank 0, None elsewhere."""
+        return self.done if self.info.is_main else None
+
+
+def begin(cfg: Any, validate: Callable[..., DictConfig], log: logging.Logger) -> Start:
+    """The first thing every Hydra stage's ``run(cfg)`` does (see the module docstring)."""
+    ensure_logging(log)
+    info = init_distributed()
+    cfg = validate(cfg, world_size=info.world_size)
+    cpu_threads_per_process(info)
+    run_dir = Path(cfg.run_dir)
+    done = None
+    if is_complete(run_dir):
+        done = {**previous_results(run_dir), "already_complete": True}
+        headline = f"top-1 {done['top1']}" if "top1" in done else f"step {done.get('steps')}"
+        log.info("run %s is already complete (%s); nothing to do", run_dir, headline)
+    return Start(cfg, info, run_dir, done)
+
+
+def hydra_main(stage: str, run: Callable[[DictConfig], Any]) -> None:
+    """``python -m <stage module> key=value ...`` on ``configs/<stage>.yaml``; prints the results as JSON."""
+    import hydra
+
+    @hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        try:
+            results = run(cfg)
+        except UserError as e:
+            print(f"{stage}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if results is not None:
+            print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2, default=jsonable))
+
+    main()

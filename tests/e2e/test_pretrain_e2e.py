@@ -1,0 +1,130 @@
+"""End-to-end pretraining runs on CPU (slow): kill-and-resume reproduces the uninterrupted losses
+exactly; the EMA multi-crop preset runs with its 6 views; a short pretraining on the embedded set beats
+a randomly initialised backbone on k-NN."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from stage_fixtures import compose_pretrain, tiny_overrides
+
+from common.checkpoint import LAST_NAME, load_checkpoint
+from common.runlog import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _train_cmd(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pretrain.train", *overrides]
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(tiny_synthetic, tmp_path):
+    # 120 images / batch 16 = 7 steps per epoch, 2 epochs: the kill lands in epoch 0 or 1, the resume
+    # skips the steps already done in that epoch; one DataLoader worker, as in real runs.
+    common = ["optim.epochs=2", "train.ckpt_every_steps=3", "data.workers=1", "optim.warmup_epochs=1"]
+    ref_dir, cut_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    ref = subprocess.run(_train_cmd(tiny_overrides(tiny_synthetic, ref_dir, *common)), env=_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    want = _losses(ref_dir)
+    assert sorted(want) == list(range(1, 15))
+
+    # Kill (SIGKILL: no clean-up at all) once step 5 is logged: the checkpoint of step 3 survives.
+    proc = subprocess.Popen(_train_cmd(tiny_overrides(tiny_synthetic, cut_dir, *common)), env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if max(_losses(cut_dir), default=0) >= 5:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = load_checkpoint(cut_dir / LAST_NAME)["step"]
+    assert killed_at in (3, 6, 7, 9, 12) and not (cut_dir / "COMPLETE").exists()  # every 3 steps + epoch end (7)
+
+    resumed = subprocess.run(_train_cmd(tiny_overrides(tiny_synthetic, cut_dir, *common)), env=_env(), cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {killed_at}" in resumed.stdout + resumed.stderr
+    got = _losses(cut_dir)
+    assert got == want  # every step, before and after the kill, bit for bit
+    a, b = load_checkpoint(ref_dir / LAST_NAME), load_checkpoint(cut_dir / LAST_NAME)
+    assert a["finished"] and b["finished"] and a["step"] == b["step"] == 14
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    print(f"killed after step >= 5, resumed from step {killed_at}; 14 losses identical, final loss {got[14]:.6f}")
+
+
+def test_ema_multicrop_preset_runs_with_six_views(tiny_synthetic, tmp_path):
+    from pretrain.train import run
+
+    overrides = ["pretrain/preset=imagenet_800ep_multicrop_ema", "pretrain/data=synthetic_multicrop",
+                 f"data.root={tiny_synthetic / 'classification'}", f"run_dir={tmp_path / 'mc'}", "data.workers=0",
+                 # the preset's multi-crop, scaled down to the tiny 32-px images (sizes 24/24/20/17/14/10)
+                 "data.augment.views=[{size:24,min_scale:0.2},{size:24,min_scale:0.2},"
+                 "{size:20,min_scale:0.171,max_scale:0.857},{size:17,min_scale:0.143,max_scale:0.714},"
+                 "{size:14,min_scale:0.114,max_scale:0.571},{size:10,min_scale:0.086,max_scale:0.429}]",
+                 "model.arch=resnet18", "model.projector=[64,64,64]", "optim.batch_size=16", "train.max_steps=3",
+                 "train.log_every=1"]
+    cfg = compose_pretrain(overrides)
+    assert cfg.method.ema is True and len(cfg.data.augment.views) == 6
+    summary = run(cfg)
+    rows = [r for r in read_metrics(tmp_path / "mc") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert rows[0]["ema_momentum"] == pytest.approx(0.996) and rows[-1]["ema_momentum"] > rows[0]["ema_momentum"]
+    ckpt = load_checkpoint(tmp_path / "mc" / LAST_NAME)
+    assert ckpt["ema_model"] is not None and set(ckpt["ema_model"]) == set(ckpt["model"])
+    assert any(not torch.equal(ckpt["ema_model"][k], ckpt["model"][k]) for k in ckpt["model"] if "weight" in k)
+    assert summary["steps"] == 3
+
+
+def _knn_top1(backbone, root: Path, size: int) -> float:
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    from transfer.knn import extract_features, knn_accuracy
+
+    tf = T.Compose([T.Resize(size), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    def feats(split):
+        loader = torch.utils.data.DataLoader(ImageFolder(str(root / split), tf), batch_size=125)
+        return extract_features(backbone, loader, "cpu")
+
+    return knn_accuracy(*feats("train"), *feats("val"), k=20)["top1"]
+
+
+def test_short_pretraining_beats_random_init_on_knn(synthetic_root, synthetic_pretraining):
+    from common.resnet import build_resnet
+
+    cfg, summary = synthetic_pretraining  # 150 steps of the synthetic preset (tests/conftest.py)
+    size = cfg.data.augment.views[0].size
+    torch.manual_seed(cfg.seed)  # the same initial weights as the pretraining started from
+    random_init = build_resnet(cfg.model.arch)
+    trained = build_resnet(cfg.model.arch)
+    state = load_checkpoint(summary["checkpoint"])["model"]
+    trained.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+    cls = synthetic_root / "classification"
+    acc_random, acc_trained = _knn_top1(random_init, cls, size), _knn_top1(trained, cls, size)
+    print(f"k-NN top-1 on the synthetic val set: random init {acc_random:.1f}%, after {summary['steps']} steps "
+          f"{acc_trained:.1f}% (effective rank {summary['effective_rank']:.1f})")
+    # measured 2026-11-29 (1 thread): 17.6% after 150 steps vs 10.8% random init (chance 10%)
+    assert acc_trained >= acc_random + 4.0

@@ -1,0 +1,203 @@
+"""`submit` against a real single-node Slurm on localhost (slurm/localhost/up.sh), started by this module.
+
+The session fixture installs the Debian packages when they are missing (apt, as root), starts munged,
+MariaDB + slurmdbd, slurmctld and slurmd in a private folder with two fake GPUs, and tears everything
+down at the end. Measured here: install about 13 s, start about 10 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import stage_fixtures
+import torch
+
+from slurm import stages
+from slurm.submit import main
+
+pytestmark = pytest.mark.slurm
+
+TESTS = Path(__file__).resolve().parents[1]  # tests/: stage_fixtures lives there
+ROOT = TESTS.parent
+UP = ROOT / "slurm" / "localhost" / "up.sh"
+DOWN = ROOT / "slurm" / "localhost" / "down.sh"
+
+
+@pytest.fixture(scope="module")
+def localhost_slurm():
+    if os.geteuid() != 0:
+        pytest.skip("the localhost Slurm cluster runs its daemons as root; run the suite as root (CI does)")
+    folder = Path(tempfile.mkdtemp(prefix="intl-slurm-", dir="/tmp"))
+    t0 = time.time()
+    proc = subprocess.run(["bash", str(UP), "--install", str(folder)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        logs = "".join(f"\n--- {p}\n" + p.read_text()[-2000:] for p in sorted((folder / "log").glob("*.log")))
+        subprocess.run(["bash", str(DOWN), "--purge", str(folder)], capture_output=True, timeout=120)
+        pytest.fail(f"slurm/localhost/up.sh failed:\n{proc.stdout}\n{proc.stderr}{logs}")
+    print(f"\nlocalhost Slurm up in {time.time() - t0:.1f} s: {proc.stdout.strip().splitlines()[-1]}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(folder / "etc" / "slurm.conf")
+    try:
+        yield folder
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        subprocess.run(["bash", str(DOWN), "--purge", str(folder)], capture_output=True, timeout=180)
+
+
+@pytest.fixture
+def counter_env(localhost_slurm, tmp_path, monkeypatch):
+    cfg_dir = stage_fixtures.write_counter_config(tmp_path / "cfgs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, stage_fixtures.extra_stages_env(cfg_dir))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
+    return tmp_path / "outputs" / "counter" / "counter"
+
+
+def _job_id(run: Path) -> str:
+    return json.loads((run / "submissions.jsonl").read_text().splitlines()[-1])["job_ids"][0]
+
+
+def _wait_for_step(run: Path, step: int, timeout: float = 90) -> int:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            done = int(torch.load(run / "last.pth")["step"])
+            if done >= step:
+                return done
+        except (FileNotFoundError, EOFError, RuntimeError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"the job did not reach step {step} in {timeout} s")
+
+
+def test_two_tasks_requeued_after_a_timeout_signal_resume(localhost_slurm, counter_env, capsys):
+    """2 tasks x 2 fake GPUs through sbatch, interrupted by the signal Slurm sends (`--signal=USR2@<delay>`)
+    before the time limit: submitit calls the job's checkpoint() and requeues it. (Preemption, where Slurm
+    itself requeues the job, is tested with the real pretraining below.)"""
+    run = counter_env
+    # Refused before anything is queued: more GPUs than the node has, an unknown partition.
+    assert main(["counter", "--cluster", "slurm", "--gpus", "4"]) == 2
+    assert "offer at most 2 GPU" in capsys.readouterr().err
+    assert main(["counter", "--cluster", "slurm", "--gpus", "2", "--partition", "nope"]) == 2
+    assert "Slurm has no partition 'nope'" in capsys.readouterr().err
+    assert not run.exists()
+
+    argv = ["counter", "--cluster", "slurm", "--gpus", "2", "--time", "10", "steps=10", "step_seconds=0.4"]
+    assert main(argv) == 0
+    job = _job_id(run)
+    reached = _wait_for_step(run, 2)
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "gres/gpu=2" in shown and "NumTasks=2" in shown, shown  # the allocation Slurm made
+    script = next((run / "submitit").glob("*.sh")).read_text()
+    assert "#SBATCH --gpus-per-node=2" in script and "#SBATCH --ntasks-per-node=2" in script
+
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    capsys.readouterr()
+    # The same command with --wait attaches to the queued job instead of submitting another.
+    assert main(argv + ["--wait"]) == 0
+    out = capsys.readouterr().out
+    assert "waiting for them instead of submitting another" in out and "rank 0 of world size 2" in out
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 10 and results["world_size"] == 2
+    assert results["resumed_from"] >= reached  # resumed from its checkpoint, not from scratch
+    log = (run / "submitit" / f"{job}_0_log.out").read_text()
+    assert f"counter: resumed from step {results['resumed_from']}" in log and "counter: step 10/10" in log
+    assert "Calling checkpoint method" in log and "time-out or preemption signal; requeueing" in log
+    assert torch.load(run / "last.pth")["step"] == 10
+    envs = [json.loads((run / f"env_rank{r}.json").read_text()) for r in (0, 1)]
+    assert {e["RANK"] for e in envs} == {"0", "1"} and all(e["WORLD_SIZE"] == "2" for e in envs)
+    assert all(e["SLURM_NTASKS"] == "2" and e["SLURM_JOB_ID"] == job and e["SLURM_RESTART_COUNT"] == "1"
+               for e in envs)
+    if all((localhost_slurm / "dev" / f"nvidia{i}").is_char_device() for i in (0, 1)):
+        assert all(e["CUDA_VISIBLE_DEVICES"] for e in envs)  # the fake gres was bound to the tasks
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "JobState=COMPLETED" in shown and "Restarts=1" in shown, shown  # --wait returned once Slurm was done
+    tres = subprocess.run(["sacct", "-j", job, "-n", "-X", "-o", "AllocTRES%80"], capture_output=True,
+                          text=True).stdout
+    assert "gres/gpu=2" in tres, tres  # and what accounting recorded
+    # Finished: the same command again does nothing and says so.
+    assert main(argv + ["--wait"]) == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_pretrain_through_sbatch_preempted_resumes_to_the_same_step(localhost_slurm, tiny_synthetic, tmp_path,
+                                                                    monkeypatch, capsys):
+    """The real pretraining stage, 2 tasks x 2 GPU slots via sbatch; Slurm requeues it mid-run (as on
+    preemption) and it resumes from last.pth to the same final step count."""
+    from common.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
+    # Slurm's requeue sends SIGTERM and kills the tasks only KillWait (5 s on the localhost cluster) later;
+    # submitit lets the tasks run on through SIGTERM, so the run must have clearly more than 5 s of steps
+    # (about 1 s each here) left when it is requeued, or it finishes before the kill (seen with 6 steps).
+    steps = 16
+    argv = ["pretrain", "--nodes", "1", "--gpus", "2", "--cluster", "slurm", "--time", "15", "--name", "tiny",
+            *stage_fixtures.tiny_pretrain_overrides(tiny_synthetic / "classification", steps=steps, ckpt_every=1)]
+    assert main(argv) == 0
+    run = tmp_path / "outputs" / "pretrain" / "tiny"
+    job = _job_id(run)
+    reached = _wait_for_step(run, 2, timeout=150)
+    assert reached <= steps - 10, "the run got too close to its end before it could be interrupted"
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    capsys.readouterr()
+    assert main(argv + ["--wait"]) == 0
+    log = (run / "submitit" / f"{job}_0_log.out").read_text()
+    assert "rank 0 of world size 2" in log and "restart 1" in log
+    assert "resuming from step" in log
+    resumed = int(log.split("resuming from step")[1].split()[0])
+    assert reached <= resumed < steps
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["step"] == steps and ckpt["finished"] is True
+    script = next((run / "submitit").glob("*.sh")).read_text()
+    assert "#SBATCH --gpus-per-node=2" in script and "#SBATCH --ntasks-per-node=2" in script
+
+
+def test_example_sbatch_script_runs_a_stage_without_the_cli(counter_env, tmp_path):
+    """slurm/examples/pretrain.sbatch (plain sbatch + srun + python -m slurm.run_stage), resources overridden
+    on the sbatch command line to fit the localhost node."""
+    import sys
+
+    script = ROOT / "slurm" / "examples" / "pretrain.sbatch"
+    env = {**os.environ, "VENV": str(Path(sys.executable).parents[1])}
+    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", "--ntasks-per-node=2",
+                           "--gpus-per-node=2", "--cpus-per-task=1", "--mem-per-gpu=1G", "--time=5",
+                           f"--output={tmp_path}/ex-%j.out", str(script), "counter", "steps=2", "step_seconds=0.1"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    end = time.time() + 120  # (sbatch --wait polls too slowly: up to 30 s late)
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.time() < end, "the example job did not finish in 120 s"
+        time.sleep(0.5)
+    out = (tmp_path / f"ex-{job}.out").read_text()
+    state = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "JobState=COMPLETED" in state, state + out
+    assert "job " in out and ": counter on 1 node(s), 2 task(s)" in out
+    assert "rank 0 of world size 2" in out and "rank 1 of world size 2" in out and "counter: step 2/2" in out
+    assert json.loads((counter_env / "results.json").read_text())["world_size"] == 2
+
+
+def test_wait_reports_a_job_killed_without_results(counter_env, capsys):
+    import submitit
+
+    from slurm.submit import wait_for
+
+    run = counter_env
+    assert main(["counter", "--cluster", "slurm", "--gpus", "2", "--time", "10", "steps=60", "step_seconds=0.5"]) == 0
+    job = _job_id(run)
+    _wait_for_step(run, 1)
+    subprocess.run(["scancel", job], check=True)
+    assert wait_for([submitit.SlurmJob(folder=run / "submitit", job_id=job, tasks=[0, 1])]) == 1
+    err = capsys.readouterr().err
+    assert f"job {job} FAILED" in err and "ended without a result" in err

@@ -1,0 +1,354 @@
+"""The `submit` launcher without Slurm: stage registry, compose_config, errors before queueing, --dry-run,
+run-folder semantics, and real local multi-process jobs (submitit's LocalExecutor, gloo on CPU).
+
+The `counter` stage (tests/stage_fixtures.py) is registered through INTL_SUBMIT_EXTRA_STAGES; the real
+pretraining stage is exercised at the end with tiny overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import stage_fixtures
+
+from slurm import executor, stages
+from slurm.errors import SubmitError
+from slurm.submit import main
+
+TESTS = Path(__file__).resolve().parents[1]  # tests/: stage_fixtures lives there
+ROOT = TESTS.parent
+
+
+@pytest.fixture
+def counter_env(tmp_path, monkeypatch):
+    """cwd = a fresh folder; the counter stage registered; job processes can import stage_fixtures."""
+    cfg_dir = stage_fixtures.write_counter_config(tmp_path / "cfgs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, stage_fixtures.extra_stages_env(cfg_dir))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "0.5")
+    return tmp_path
+
+
+def _err(capsys) -> str:
+    return capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- registry / compose
+def test_stage_module_that_fails_to_import(tmp_path, monkeypatch):
+    (tmp_path / "broken_stage_mod.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, f"broken=broken_stage_mod:run@{tmp_path}")
+    with pytest.raises(SubmitError, match="fails to import.*no_such_dependency_xyz"):
+        stages.get_stage("broken").preflight_function()
+
+
+def test_stage_configs_compose_through_the_registry():
+    assert stages.compose_stage_config("pretrain", ["name=abc"]).name == "abc"
+    with pytest.raises(SubmitError, match="unknown stage 'pretrian'.*pretrain"):
+        stages.compose_stage_config("pretrian", [])
+    with pytest.raises(SubmitError, match="detectron2 config file"):
+        stages.compose_stage_config("detection", [])
+
+
+def test_extra_stage_env_is_validated(monkeypatch):
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, "broken-entry")
+    with pytest.raises(SubmitError, match="malformed"):
+        stages.all_stages()
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, "ghost=no_such_module_xyz:run@/tmp")
+    with pytest.raises(SubmitError, match="not available.*no_such_module_xyz"):
+        stages.get_stage("ghost")
+
+
+def test_product_stages_are_registered():
+    assert set(stages.STAGES) == {"pretrain", "linear", "semi", "knn", "detection"}
+    assert stages.get_stage("pretrain").module == "pretrain.train"
+
+
+# ---------------------------------------------------------------------------------- cluster resolution
+def test_auto_cluster_follows_sbatch_on_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert executor.resolve_cluster("auto") == "local"
+    fake = tmp_path / "sbatch"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    assert executor.resolve_cluster("auto") == "slurm"
+    assert executor.resolve_cluster("local") == "local"
+
+
+@pytest.mark.parametrize("gres,gpus", [("gpu:2", 2), ("gpu:a100:4(S:0-1)", 4), ("(null)", 0),
+                                       ("gpu:v100:2,gpu:a100:2", 4), ("tmpfs:100,gpu:8", 8)])
+def test_parse_gres_gpus(gres, gpus):
+    assert executor.parse_gres_gpus(gres) == gpus
+
+
+def test_gpus_beyond_partition_is_refused():
+    info = executor.PartitionInfo("debug", nodes=1, max_gpus_per_node=2)
+    executor.check_against_partition(executor.Resources("slurm", nodes=1, gpus=2), info)
+    with pytest.raises(SubmitError, match="offer at most 2 GPU"):
+        executor.check_against_partition(executor.Resources("slurm", nodes=1, gpus=4), info)
+    with pytest.raises(SubmitError, match="have no GPUs"):
+        executor.check_against_partition(executor.Resources("slurm", gpus=1), executor.PartitionInfo("cpu", 4, 0))
+    with pytest.raises(SubmitError, match="has 1 node"):
+        executor.check_against_partition(executor.Resources("slurm", nodes=2, gpus=1), info)
+
+
+def test_slurm_parameters_one_task_per_gpu():
+    p = executor.slurm_parameters(executor.Resources("slurm", nodes=2, gpus=4, cpus_per_gpu=8, partition="gpu"))
+    assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["cpus_per_task"]) == (2, 4, 4, 8)
+    assert p["srun_args"] == ["--cpus-per-task=8"] and p["additional_parameters"] == {"requeue": True}
+
+
+def test_distributed_env_from_a_slurm_step(monkeypatch):
+    from slurm.jobs import export_distributed_env
+
+    for key in ("SUBMITIT_EXECUTOR", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE", "SLURM_ARRAY_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    slurm_env = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4",
+                 "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    for k, v in slurm_env.items():
+        monkeypatch.setenv(k, v)
+    out = export_distributed_env()
+    assert (out["RANK"], out["WORLD_SIZE"], out["LOCAL_RANK"], out["LOCAL_WORLD_SIZE"]) == ("3", "4", "1", "2")
+    assert out["MASTER_ADDR"] == "gpu07" and os.environ["RANK"] == "3"
+    assert 20000 <= int(out["MASTER_PORT"]) <= 60000
+
+
+def test_no_launcher_env_means_one_process(monkeypatch):
+    from slurm.jobs import export_distributed_env
+
+    for key in ("SUBMITIT_EXECUTOR", "SLURM_PROCID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert export_distributed_env() == {}
+
+
+# ------------------------------------------------------------------------------- CLI errors, dry run
+def test_unknown_stage_and_missing_stage(counter_env, capsys, monkeypatch):
+    assert main(["pretrian", "--cluster", "local"]) == 2
+    assert "unknown stage 'pretrian'" in _err(capsys)
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, "later=transfer.not_built_yet:run@/tmp")
+    assert main(["later", "--cluster", "local"]) == 2
+    assert "not available" in _err(capsys)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["counter", "no_such_key=1"], "does not compose"),
+    (["counter", "data.root=/no/such/data"], "data.root=/no/such/data is not a folder"),
+    (["counter", "--gpus", "0"], "--gpus (per node) must be at least 1"),
+    (["counter", "--nodes", "2"], "--cluster local runs processes on this machine only"),
+    (["counter", "--mem-per-gpu", "lots"], "not a Slurm memory size"),
+    (["counter", "--seeds", "3"], "detection options"),
+    (["counter", "run_dir=/proc/intl_no_write/run"], "no write access"),
+])
+def test_bad_input_is_refused_before_queueing(counter_env, capsys, argv, message):
+    assert main(argv + ["--cluster", "local"]) == 2
+    assert message in _err(capsys)
+    assert not (counter_env / "outputs").exists()
+
+
+def test_run_dir_under_a_file_is_refused(counter_env, capsys):
+    (counter_env / "afile").write_text("x")
+    assert main(["counter", "--cluster", "local", f"run_dir={counter_env}/afile/run"]) == 2
+    assert "is not a folder" in _err(capsys)
+
+
+def test_slurm_without_controller_is_a_clear_error(counter_env, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(counter_env))  # no sbatch at all
+    assert main(["counter", "--cluster", "slurm"]) == 2
+    assert "needs Slurm's sbatch on PATH" in _err(capsys)
+
+
+def test_dry_run_prints_sbatch_and_writes_nothing(counter_env, capsys):
+    assert main(["counter", "--cluster", "slurm", "--gpus", "2", "--partition", "gpu", "--time", "90",
+                 "--cpus-per-gpu", "4", "--dry-run", "steps=3"]) == 0
+    out = capsys.readouterr().out
+    for line in ("#SBATCH --gpus-per-node=2", "#SBATCH --ntasks-per-node=2", "#SBATCH --nodes=1",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --cpus-per-task=4",
+                 "#SBATCH --requeue", "#SBATCH --signal=USR2@", "srun", "steps: 3", "world size 2"):
+        assert line in out, line
+    assert "nothing was submitted" in out
+    assert not (counter_env / "outputs").exists()
+
+
+def test_dry_run_local(counter_env, capsys):
+    assert main(["counter", "--cluster", "local", "--gpus", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert '"tasks_per_node": 2' in out and "nothing was submitted" in out
+    assert not (counter_env / "outputs").exists()
+
+
+def test_pretrain_dry_run_checks_batch_and_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--cluster", "local", "--gpus", "2", "--dry-run", "data.root=/no/such/folder"]) == 2
+    err = _err(capsys)
+    assert "pretrain stage rejects this setup" in err and "/no/such/folder" in err and "fix:" in err
+    assert main(["pretrain", "--cluster", "local", "--gpus", "3", "--dry-run", f"data.root={ROOT}/data/synthetic/classification",
+                 "optim.batch_size=64"]) == 2
+    assert "not divisible" in _err(capsys)
+
+
+# ---------------------------------------------------------------------------------- run folders
+def test_complete_run_does_nothing(counter_env, capsys):
+    run = counter_env / "outputs" / "counter" / "counter"
+    run.mkdir(parents=True)
+    (run / "COMPLETE").write_text("{}\n")
+    assert main(["counter", "--cluster", "local"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert not (run / "submissions.jsonl").exists()
+
+
+def test_existing_folder_resumes_and_new_picks_a_free_name(counter_env, capsys):
+    run = counter_env / "outputs" / "counter" / "counter"
+    run.mkdir(parents=True)
+    (run / "last.pth").write_text("")
+    assert main(["counter", "--cluster", "local", "--dry-run"]) == 0
+    assert "resuming that run" in capsys.readouterr().out
+    assert main(["counter", "--cluster", "local", "--dry-run", "--new"]) == 0
+    out = capsys.readouterr().out
+    assert "new run in" in out and "counter_2" in out and "name: counter_2" in out
+
+
+def test_run_with_a_job_still_running_is_not_submitted_twice(counter_env, capsys):
+    import socket
+
+    run = counter_env / "outputs" / "counter" / "counter"
+    run.mkdir(parents=True)
+    (run / "submissions.jsonl").write_text(json.dumps({"cluster": "local", "host": socket.gethostname(),
+                                                       "job_ids": [str(os.getpid())]}) + "\n")
+    assert main(["counter", "--cluster", "local"]) == 2
+    err = _err(capsys)
+    assert f"already has a job queued or running: {os.getpid()} (local process running)" in err
+    assert len((run / "submissions.jsonl").read_text().splitlines()) == 1
+
+
+# -------------------------------------------------------------------------------- local processes
+@pytest.mark.slow
+def test_local_failure_exits_non_zero(counter_env, capsys):
+    assert main(["counter", "--cluster", "local", "--gpus", "1", "--wait", "fail=true"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.err and "asked to fail" in captured.err
+
+
+# ------------------------------------------------------------------------------ the real pretraining
+@pytest.mark.slow
+def test_pretrain_two_local_processes_leave_a_checkpoint(tiny_synthetic, tmp_path, monkeypatch, capsys):
+    from common.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
+    argv = ["pretrain", "--nodes", "1", "--gpus", "2", "--cluster", "local", "--wait", "--name", "tiny",
+            *stage_fixtures.tiny_pretrain_overrides(tiny_synthetic / "classification", steps=3, ckpt_every=2)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "rank 0 of world size 2" in out and "world size 2" in out
+    run = tmp_path / "outputs" / "pretrain" / "tiny"
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["step"] == 3 and ckpt["finished"] is True
+    assert (run / "COMPLETE").exists() and (run / "config.yaml").exists()
+    assert "step 3/3" in out  # the rank-0 progress lines were streamed
+    assert list((run / "submitit").glob("*_1_log.out"))  # rank 1 ran and logged in the run folder
+    sub = [json.loads(x) for x in (run / "submissions.jsonl").read_text().splitlines()]
+    assert len(sub) == 1 and sub[0]["cluster"] == "local" and sub[0]["gpus"] == 2
+    # Submitting the finished run again does nothing and says so.
+    assert main(argv) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert len((run / "submissions.jsonl").read_text().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------- detection: --seeds flow
+@pytest.fixture
+def fakedet_env(counter_env, monkeypatch):
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, "fakedet=stage_fixtures:run_seed@detectron2")
+    cfg = counter_env / "det.yaml"
+    cfg.write_text("MODEL:\n  WEIGHTS: ''\n")
+    return cfg
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["SOLVER.MAX_ITER"], "odd number"),
+    (["SOLVER.MAX_ITER=10"], "no '='"),
+    (["OUTPUT_DIR", "/x"], "OUTPUT_DIR is set by the launcher"),
+    (["SEED", "3"], "SEED is set by the launcher"),
+])
+def test_detection_overrides_are_checked(fakedet_env, capsys, extra, message):
+    assert main(["fakedet", "--cluster", "local", "--config-file", str(fakedet_env), *extra]) == 2
+    assert message in _err(capsys)
+
+
+def test_detection_config_file_is_required_and_preflighted(fakedet_env, capsys):
+    assert main(["fakedet", "--cluster", "local"]) == 2
+    assert "needs --config-file" in _err(capsys)
+    assert main(["fakedet", "--cluster", "local", "--config-file", "nope.yaml"]) == 2
+    assert "does not exist" in _err(capsys)
+    fakedet_env.write_text("- a list\n")
+    assert main(["fakedet", "--cluster", "local", "--config-file", str(fakedet_env)]) == 2
+    err = _err(capsys)
+    assert "rejects this setup" in err and "not a YAML mapping" in err
+
+
+def test_detection_dry_run_one_job_per_seed(fakedet_env, capsys):
+    assert main(["fakedet", "--cluster", "slurm", "--gpus", "2", "--seeds", "3", "--dry-run",
+                 "--config-file", str(fakedet_env), "SOLVER.MAX_ITER", "10"]) == 0
+    out = capsys.readouterr().out
+    run = fakedet_env.parent / "outputs" / "detection" / "det"
+    for k in range(3):
+        assert f"SOLVER.MAX_ITER 10 SEED {k} OUTPUT_DIR {run / f'seed{k}'}" in out
+    assert "3 job(s), as an array" in out and "#SBATCH --gpus-per-node=2" in out
+    assert not run.exists()
+
+
+@pytest.mark.slow
+def test_detection_seeds_run_and_aggregate(fakedet_env, capsys):
+    argv = ["fakedet", "--cluster", "local", "--gpus", "1", "--seeds", "2", "--wait", "--name", "exp",
+            "--config-file", str(fakedet_env), "SOLVER.MAX_ITER", "1"]
+    assert main(argv) == 0
+    run = fakedet_env.parent / "outputs" / "detection" / "exp"
+    for k in (0, 1):
+        seen = json.loads((run / f"seed{k}" / "opts.json").read_text())
+        assert seen["opts"] == ["SOLVER.MAX_ITER", "1", "SEED", str(k)]
+        # both seeds run at once on this machine: each gets its share of the cores, not all of them
+        assert seen["torch_threads"] <= max(1, (os.cpu_count() or 1) // 2)
+    summary = json.loads((run / "results.json").read_text())
+    assert summary["n_seeds"] == 2 and summary["mean"]["bbox"]["AP"] == pytest.approx(10.5)
+    assert "Detection: exp" in capsys.readouterr().out  # the aggregated table is printed
+    assert main(argv) == 0  # every seed complete: nothing is submitted again
+    assert "all 2 seed folders are COMPLETE" in capsys.readouterr().out
+
+
+def test_real_detection_stage_checks_the_batch_against_the_world_size_before_queueing(synthetic_root, capsys,
+                                                                                       monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)  # the synthetic config's dataset paths are relative to the repository
+    config = ROOT / "configs" / "detection" / "synthetic_R_50_C4.yaml"  # SOLVER.IMS_PER_BATCH 4
+    argv = ["detection", "--cluster", "local", "--gpus", "3", "--dry-run", "--name", "world_size_check",
+            "--config-file", str(config)]
+    assert main(argv) == 2
+    assert "SOLVER.IMS_PER_BATCH=4 is not divisible by the world size 3" in _err(capsys)
+    argv[4] = "2"
+    assert main(argv) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "method")
+                                           .glob("*.yaml") if p.stem != "intl"))
+def test_every_registered_method_trains_through_submit_on_two_processes(method, tiny_synthetic, tmp_path, monkeypatch,
+                                                                        capsys):
+    """Issue 9: `submit pretrain method=<name> --cluster local` for each method beside INTL (INTL: above)."""
+    import math
+
+    from common.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
+    argv = ["pretrain", "--gpus", "2", "--cluster", "local", "--wait", "--name", method, f"method={method}",
+            *stage_fixtures.tiny_pretrain_overrides(tiny_synthetic / "classification", steps=2, ckpt_every=2)]
+    assert main(argv) == 0
+    run = tmp_path / "outputs" / "pretrain" / method
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["step"] == 2 and ckpt["config"]["method"]["name"] == method
+    summary = json.loads((run / "COMPLETE").read_text())
+    assert math.isfinite(summary["final_loss"]) and summary["world_size"] == 2
