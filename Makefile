@@ -6,7 +6,7 @@ STAMP := $(VENV)/.intl-stamp
 DATA  := data/synthetic
 PYTEST_ARGS ?=
 
-.PHONY: venv data demo test test-fast bench clean-outputs
+.PHONY: venv data demo lint test test-fast bench clean-outputs
 
 venv: $(STAMP)
 
@@ -20,7 +20,11 @@ data: venv
 demo: venv data
 	$(PY) tools/demo.py $(DEMO_ARGS)
 
-test: venv data
+# ruff ([tool.ruff] in pyproject.toml): pycodestyle, pyflakes, import order, bugbear.
+lint: venv
+	$(PY) -m ruff check .
+
+test: venv data lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Unit tests only (skips the slow end-to-end tests).

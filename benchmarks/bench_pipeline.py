@@ -73,11 +73,13 @@ def run(quick: bool = False, warmup: int = 1, repeats: int = 5, num_images: int 
         ref = reference_view_pipeline(cfg)
         fast = build_view_transform(cfg)
         fns = {
-            "reference (PIL decode + torchvision v1 PIL ops)": lambda p: ref(pil_loader(p)),
-            "pretrain.augment (lazy/draft decode, v2 uint8 resize, OpenCV colour)": lambda p: fast(Image.open(p)),
+            "reference (PIL decode + torchvision v1 PIL ops)": lambda p, ref=ref: ref(pil_loader(p)),
+            "pretrain.augment (lazy/draft decode, v2 uint8 resize, OpenCV colour)":
+                lambda p, fast=fast: fast(Image.open(p)),
         }
         log(f"[pipeline] {case}: {len(fns)} variants x {repeats} repeats of {len(paths)} images")
-        times = interleaved_chunks(fns, paths, warmup, repeats, log=lambda m: log(f"[pipeline] {case}: {m}"))
+        times = interleaved_chunks(fns, paths, warmup, repeats,
+                                   log=lambda m, case=case: log(f"[pipeline] {case}: {m}"))
         base = next(iter(fns))
         for name, ts in times.items():
             rows.append(Row(NAME, case, name, "img/s/core", [len(paths) / t for t in ts],

@@ -47,7 +47,8 @@ def timing(cases, warmup, repeats, log) -> list[Row]:
         z2 = (z1.detach() + 0.5 * torch.randn(m, d, generator=g)).requires_grad_()
         case = f"{axis} whitening m={m} d={d}"
         fns = {"ZCA eigh + norm_mse": _zca_step(z1, z2, axis), "IterNorm T=4 + INTL loss": _intl_step(z1, z2, axis)}
-        times = interleaved(fns, warmup, repeats, progress=lambda msg: log(f"[whitening] {case}: {msg}"))
+        times = interleaved(fns, warmup, repeats,
+                            progress=lambda msg, case=case: log(f"[whitening] {case}: {msg}"))
         base = "ZCA eigh + norm_mse"
         for name, ts in times.items():
             rows.append(Row(NAME, case, name, "ms (fwd+bwd, 2 views)", [1000 * t for t in ts],

@@ -79,7 +79,8 @@ class BackboneWeights:
 # reading
 
 
-def read_backbone_weights(path_or_obj: str | os.PathLike | Mapping[str, Any], encoder: str = "online") -> BackboneWeights:
+def read_backbone_weights(path_or_obj: str | os.PathLike | Mapping[str, Any],
+                          encoder: str = "online") -> BackboneWeights:
     """Reads a checkpoint file (or an already loaded object) and returns its backbone's weights.
 
     encoder: "online" (the trained network) or "momentum" (the EMA / key encoder, when there is one).
@@ -94,7 +95,8 @@ def read_backbone_weights(path_or_obj: str | os.PathLike | Mapping[str, Any], en
         source, obj = "<object>", path_or_obj
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a checkpoint dict; fix: pass a pretraining "
-                              "checkpoint (.pth), an official INTL / MoCo checkpoint or a torchvision ResNet state_dict")
+                              "checkpoint (.pth), an official INTL / MoCo checkpoint or a torchvision ResNet "
+                              "state_dict")
 
     if is_pretrain_checkpoint(obj):
         kind = "intl-pretrain"
@@ -194,7 +196,8 @@ def _find_state_dict(obj: Mapping, source: str) -> Mapping[str, Any]:
 
 
 def _looks_like_state_dict(d: Mapping) -> bool:
-    return len(d) > 0 and all(isinstance(k, str) for k in d) and sum(torch.is_tensor(v) for v in d.values()) >= len(d) / 2
+    return (len(d) > 0 and all(isinstance(k, str) for k in d)
+            and sum(torch.is_tensor(v) for v in d.values()) >= len(d) / 2)
 
 
 def _strip_module(state: Mapping[str, Any]) -> "OrderedDict[str, Any]":
@@ -375,8 +378,8 @@ def load_backbone_into(model: nn.Module, weights: BackboneWeights | Mapping[str,
     then shares storage with ``weights``).
     """
     if isinstance(weights, BackboneWeights):
-        state, what = weights.state_dict, (f"the weights ({weights.arch}{', small stem' if weights.small_stem else ''}, "
-                                           f"from {weights.source})")
+        state, what = weights.state_dict, (f"the weights ({weights.arch}{', small stem' if weights.small_stem else ''}"
+                                           f", from {weights.source})")
         fix = f"build the model with build_resnet({weights.arch!r}, small_stem={weights.small_stem})"
     else:
         state, what = weights, f"the weights{' from ' + source if source else ''}"

@@ -51,7 +51,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Loads a checkpoint written by ``save_checkpoint``, checking its format and version."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; fix: pass the path of a .pth file written by pretraining")
+        raise CheckpointError(f"checkpoint {path} does not exist; "
+                              "fix: pass the path of a .pth file written by pretraining")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"

@@ -68,7 +68,8 @@ class RobustImageFolder(ImageFolder):
         try:
             super().__init__(str(root), transform=transform, target_transform=target_transform, loader=load_rgb)
         except FileNotFoundError as e:  # torchvision: no class folder / no valid image in the class folders
-            raise DataRootError(f"dataset root {str(root)!r} has no usable class folders ({e}); {LAYOUT_HELP}") from None
+            raise DataRootError(f"dataset root {str(root)!r} has no usable class folders ({e}); "
+                                f"{LAYOUT_HELP}") from None
         self.max_consecutive_skips = int(max_consecutive_skips)
         # One int64 slot per DataLoader worker (slot 0 = the main process); shared memory so that the
         # counts written inside worker processes are visible in the parent.

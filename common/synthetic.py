@@ -77,7 +77,8 @@ def _background(rng: np.random.Generator, size: int, colour) -> Image.Image:
 
 def regular_polygon(cx: float, cy: float, radius: float, sides: int, angle: float) -> list[tuple[float, float]]:
     return [
-        (cx + radius * math.cos(angle + 2 * math.pi * k / sides), cy + radius * math.sin(angle + 2 * math.pi * k / sides))
+        (cx + radius * math.cos(angle + 2 * math.pi * k / sides),
+         cy + radius * math.sin(angle + 2 * math.pi * k / sides))
         for k in range(sides)
     ]
 
@@ -94,7 +95,8 @@ def shape_polygon(name: str, cx: float, cy: float, r: float, angle: float) -> li
         return regular_polygon(cx, cy, r, 6, angle)
     if name == "diamond":
         pts = regular_polygon(0, 0, r, 4, angle)
-        return [(cx + x * (1.0 if k % 2 == 0 else 0.55), cy + y * (1.0 if k % 2 == 0 else 0.55)) for k, (x, y) in enumerate(pts)]
+        return [(cx + x * (1.0 if k % 2 == 0 else 0.55), cy + y * (1.0 if k % 2 == 0 else 0.55))
+                for k, (x, y) in enumerate(pts)]
     if name == "star":
         return [
             (cx + rad * math.cos(angle + math.pi * k / 5), cy + rad * math.sin(angle + math.pi * k / 5))
@@ -102,7 +104,8 @@ def shape_polygon(name: str, cx: float, cy: float, r: float, angle: float) -> li
         ]
     if name == "cross":
         w = 0.33 * r
-        base = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        base = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w),
+                (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
         c, s = math.cos(angle), math.sin(angle)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in base]
     raise ValueError(f"no polygon for shape {name!r}")
@@ -142,7 +145,8 @@ def _save_jpeg(img: Image.Image, path: Path) -> None:
 
 def generate_classification(root: Path, spec: SyntheticSpec) -> dict:
     counts = {}
-    for split_id, (split, per_class) in enumerate((("train", spec.cls_train_per_class), ("val", spec.cls_val_per_class))):
+    for split_id, (split, per_class) in enumerate((("train", spec.cls_train_per_class),
+                                                   ("val", spec.cls_val_per_class))):
         for c, name in enumerate(CLASS_NAMES):
             d = root / split / name
             d.mkdir(parents=True, exist_ok=True)

@@ -121,9 +121,10 @@ class AugConfigError(ConfigError):
     """A bad ``cfg_aug``: the message names the key and the allowed values."""
 
 
-def default_config_dict(preset: str | None = None) -> dict:
-    """The full key set with defaults (of ``preset`` if given), as plain YAML-able data."""
-    cfg = aug_config_from({"preset": preset} if preset else {})
+def config_dict(cfg_aug: Any = None) -> dict:
+    """``cfg_aug`` validated and written out with every key (its preset's views and the defaults filled
+    in), as plain YAML-able data: what the run's config.yaml records."""
+    cfg = aug_config_from(cfg_aug)
     out = asdict(cfg)
     out["views"] = [asdict(v) if not isinstance(v, dict) else dict(v) for v in cfg.views]
     for k in ("ratio", "blur_sigma", "mean", "std"):
@@ -203,11 +204,13 @@ def _validate(cfg: AugConfig) -> None:
     for k in ("brightness", "contrast", "saturation"):
         _check(getattr(cfg, k) >= 0, f"{k} must be >= 0, got {getattr(cfg, k)}")
     _check(0 <= cfg.hue <= 0.5, f"hue must be in [0, 0.5], got {cfg.hue}")
-    _check(len(cfg.ratio) == 2 and 0 < cfg.ratio[0] <= cfg.ratio[1], f"ratio must be [lo, hi] with 0 < lo <= hi, got {cfg.ratio}")
+    _check(len(cfg.ratio) == 2 and 0 < cfg.ratio[0] <= cfg.ratio[1],
+           f"ratio must be [lo, hi] with 0 < lo <= hi, got {cfg.ratio}")
     _check(len(cfg.blur_sigma) == 2 and 0 < cfg.blur_sigma[0] <= cfg.blur_sigma[1],
            f"blur_sigma must be [lo, hi] with 0 < lo <= hi, got {cfg.blur_sigma}")
     _check(0 <= cfg.solarize_threshold <= 256, f"solarize_threshold must be in [0, 256], got {cfg.solarize_threshold}")
-    _check(cfg.interpolation in INTERPOLATIONS, f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {cfg.interpolation!r}")
+    _check(cfg.interpolation in INTERPOLATIONS,
+           f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {cfg.interpolation!r}")
     _check(len(cfg.mean) == 3 and len(cfg.std) == 3 and all(s > 0 for s in cfg.std),
            f"mean and std must have 3 entries (RGB), std > 0; got {cfg.mean}, {cfg.std}")
 
@@ -364,8 +367,8 @@ def _scale_box(box: tuple[int, int, int, int], scale: tuple[float, float], heigh
         return box
     top, left, h, w = box
     sx, sy = scale
-    t, l = int(round(top * sy)), int(round(left * sx))
-    return t, l, max(1, min(int(round(h * sy)), height - t)), max(1, min(int(round(w * sx)), width - l))
+    t, lft = int(round(top * sy)), int(round(left * sx))
+    return t, lft, max(1, min(int(round(h * sy)), height - t)), max(1, min(int(round(w * sx)), width - lft))
 
 
 def _blend_lut(base: float, factor: float) -> np.ndarray:

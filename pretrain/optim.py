@@ -44,7 +44,8 @@ def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: 
 def lr_scheduler(peak_lr: float, total_steps: int, warmup_steps: int, final_lr_ratio: float) -> StepSchedule:
     """Linear warm-up from 0 over ``warmup_steps``, then cosine to ``peak_lr * final_lr_ratio``."""
     if total_steps <= 0:
-        raise ConfigError(f"the schedule has {total_steps} steps; fix: optim.epochs and the data set must give >= 1 step")
+        raise ConfigError(f"the schedule has {total_steps} steps; "
+                          "fix: optim.epochs and the data set must give >= 1 step")
     warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
     cosine = CosineParamScheduler(peak_lr, peak_lr * final_lr_ratio)
     if warmup_steps == 0:

@@ -42,7 +42,8 @@ def plot_spectrum(rows: Sequence[dict], path: str | os.PathLike, max_curves: int
     return save_figure(fig, path, bbox_inches="tight")
 
 
-def plot_loss(rows: Sequence[dict], path: str | os.PathLike, keys: Sequence[str] = ("loss", "align", "trace")) -> Path | None:
+def plot_loss(rows: Sequence[dict], path: str | os.PathLike,
+              keys: Sequence[str] = ("loss", "align", "trace")) -> Path | None:
     """Loss (and its parts) against the step; returns None if no row has a loss."""
     rows = [r for r in rows if isinstance(r.get("loss"), (int, float))]
     if not rows:

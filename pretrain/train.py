@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from common.config import merge_onto_schema
 from common.errors import ConfigError
 from common.resnet import FEATURE_DIMS
 from common.stage import begin, hydra_main
+from pretrain import augment
 from pretrain.engine import PretrainEngine
 from pretrain.methods import build_method
 
@@ -36,56 +37,59 @@ NONFINITE_MODES = ("stop", "skip")
 
 
 # ------------------------------------------------------------------------------------------ schema
+# The keys and types of a pretraining config. The values live in one place, the YAML under configs/
+# (pretrain.yaml and its groups; the augmentation's defaults in pretrain.augment.AugConfig): a key
+# without a value here is filled there, and a config that leaves one unset is refused by name.
 @dataclass
 class DataSchema:
-    kind: str = "imagefolder"          # imagefolder | cifar10 | cifar100
-    root: str = "data/synthetic/classification"
-    split: str = "train"               # sub-folder of root holding the training images ("" = root itself)
-    workers: int = 4                   # DataLoader workers per process
-    augment: Dict[str, Any] = field(default_factory=dict)  # pretrain.augment keys (validated there)
+    kind: str = MISSING  # imagefolder | cifar10 | cifar100
+    root: str = MISSING
+    split: str = MISSING  # sub-folder of root holding the training images ("" = root itself)
+    workers: int = MISSING  # DataLoader workers per process
+    augment: Dict[str, Any] = MISSING  # pretrain.augment keys, validated and written out in full there
 
 
 @dataclass
 class ModelSchema:
-    arch: str = "resnet50"
-    small_stem: bool = False           # 3x3 stride-1 stem, no max-pool (32-px images)
-    zero_init_residual: Optional[bool] = None  # null: True for ResNet-50/101, False for ResNet-18/34
-    projector: List[int] = field(default_factory=lambda: [8192, 8192, 8192])
-    sync_bn: bool = True               # batch norm over the global batch when there are several processes
+    arch: str = MISSING
+    small_stem: bool = MISSING  # 3x3 stride-1 stem, no max-pool (32-px images)
+    zero_init_residual: Optional[bool] = MISSING  # null: True for ResNet-50/101, False for ResNet-18/34
+    projector: List[int] = MISSING
+    sync_bn: bool = MISSING  # batch norm over the global batch when there are several processes
 
 
 @dataclass
 class OptimSchema:
-    epochs: int = 100
-    batch_size: int = 512              # GLOBAL batch; per process = batch_size / world size
-    base_lr: float = 0.5               # lr = base_lr * batch_size / 256
-    weight_decay: float = 1.0e-5       # not applied to biases and norm parameters
-    momentum: float = 0.9
-    warmup_epochs: float = 2.0
-    final_lr_ratio: float = 0.001      # the cosine ends at base lr * this
-    ema_momentum: float = 0.996        # momentum encoder (method.ema=true): this -> 1 on a cosine
+    epochs: int = MISSING
+    batch_size: int = MISSING  # GLOBAL batch; per process = batch_size / world size
+    base_lr: float = MISSING  # lr = base_lr * batch_size / 256
+    weight_decay: float = MISSING  # not applied to biases and norm parameters
+    momentum: float = MISSING
+    warmup_epochs: float = MISSING
+    final_lr_ratio: float = MISSING  # the cosine ends at base lr * this
+    ema_momentum: float = MISSING  # momentum encoder (method.ema=true): this -> 1 on a cosine
 
 
 @dataclass
 class TrainSchema:
-    amp: str = "auto"                  # auto (bf16/fp16 on GPU, off on CPU) | off | bf16 | fp16
-    log_every: int = 50                # steps between metric rows / progress lines
-    spectrum_every: int = 500          # steps between spectrum measurements (0: only at the end)
-    ckpt_every_steps: int = 1000       # steps between checkpoints (0: only at epoch ends); always per epoch
-    max_steps: Optional[int] = None    # cut the schedule at this many steps (quick runs, tests)
-    on_nonfinite: str = "stop"         # stop | skip
-    channels_last: bool = False        # NHWC backbone and views
-    ddp_bucket_mb: float = 25.0        # DistributedDataParallel bucket_cap_mb
+    amp: str = MISSING  # auto (bf16/fp16 on GPU, off on CPU) | off | bf16 | fp16
+    log_every: int = MISSING  # steps between metric rows / progress lines
+    spectrum_every: int = MISSING  # steps between spectrum measurements (0: only at the end)
+    ckpt_every_steps: int = MISSING  # steps between checkpoints (0: only at epoch ends); always per epoch
+    max_steps: Optional[int] = MISSING  # cut the schedule at this many steps (quick runs, tests)
+    on_nonfinite: str = MISSING  # stop | skip
+    channels_last: bool = MISSING  # NHWC backbone and views
+    ddp_bucket_mb: float = MISSING  # DistributedDataParallel bucket_cap_mb
 
 
 @dataclass
 class PretrainSchema:
-    name: str = "intl"
-    run_dir: str = "outputs/pretrain/${name}"
-    seed: int = 0
+    name: str = MISSING
+    run_dir: str = MISSING
+    seed: int = MISSING
     data: DataSchema = field(default_factory=DataSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
-    method: Dict[str, Any] = field(default_factory=lambda: {"name": "intl"})
+    method: Dict[str, Any] = MISSING  # configs/method/<name>.yaml, checked by pretrain.methods
     optim: OptimSchema = field(default_factory=OptimSchema)
     train: TrainSchema = field(default_factory=TrainSchema)
 
@@ -102,7 +106,12 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
     check_paths=False skips the check that the data folder exists (composing configs elsewhere).
     """
     merged = merge_onto_schema(cfg, PretrainSchema, "pretraining")
+    unset = sorted(OmegaConf.missing_keys(merged))
+    _check(not unset, f"the pretraining config leaves {unset} without a value; fix: compose it from "
+                      "configs/pretrain.yaml (python -m pretrain.train / submit pretrain / "
+                      "common.config.compose_config) or set them")
     d, m, o, t = merged.data, merged.model, merged.optim, merged.train
+    d.augment = augment.config_dict(d.augment)  # every augmentation key written out (config.yaml, checkpoint)
     _check(m.arch in FEATURE_DIMS, f"model.arch={m.arch!r} is unknown; choose one of {sorted(FEATURE_DIMS)}")
     _check(len(m.projector) >= 1 and all(s > 0 for s in m.projector),
            f"model.projector={list(m.projector)}: give >= 1 positive layer sizes, e.g. [8192,8192,8192]")
@@ -116,9 +125,11 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
     _check(0 <= o.final_lr_ratio <= 1, f"optim.final_lr_ratio must be in [0, 1], got {o.final_lr_ratio}")
     _check(0 <= o.ema_momentum <= 1, f"optim.ema_momentum must be in [0, 1], got {o.ema_momentum}")
     _check(t.amp in AMP_MODES, f"train.amp={t.amp!r}; choose one of {list(AMP_MODES)}")
-    _check(t.on_nonfinite in NONFINITE_MODES, f"train.on_nonfinite={t.on_nonfinite!r}; choose one of {list(NONFINITE_MODES)}")
+    _check(t.on_nonfinite in NONFINITE_MODES,
+           f"train.on_nonfinite={t.on_nonfinite!r}; choose one of {list(NONFINITE_MODES)}")
     _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
-    _check(t.spectrum_every >= 0 and t.ckpt_every_steps >= 0, "train.spectrum_every and train.ckpt_every_steps must be >= 0")
+    _check(t.spectrum_every >= 0 and t.ckpt_every_steps >= 0,
+           "train.spectrum_every and train.ckpt_every_steps must be >= 0")
     _check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be null or >= 1, got {t.max_steps}")
     _check(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
     _check(isinstance(merged.method.get("name"), str), "method needs a name (choose with method=<name>)")

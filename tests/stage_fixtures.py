@@ -135,6 +135,6 @@ def compose_pretrain(overrides=()):
 def tiny_overrides(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
     """ResNet-18 (ImageNet stem) on 16-px views of the tiny 32-px synthetic set: ~0.2 s per step."""
     return [f"data.root={data_root / 'classification'}", f"run_dir={run_dir}", "data.workers=0",
-            "data.augment.views=[{size:16,min_scale:0.2},{size:16,min_scale:0.2}]",
+            "++data.augment.views=[{size:16,min_scale:0.2},{size:16,min_scale:0.2}]",
             "model.arch=resnet18", "model.projector=[64,64,64]", "optim.batch_size=16", "optim.epochs=1",
             "optim.warmup_epochs=0", "train.log_every=1", "train.spectrum_every=0", *extra]

@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         demo.stage("data", "0/6 the embedded datasets", demo.generate_data)
-        demo.stage("pretrain", "1/6 pretraining INTL on the embedded set (ResNet-18, then ResNet-50), 2 local processes",
-                   demo.pretrain)
+        demo.stage("pretrain", "1/6 pretraining INTL on the embedded set (ResNet-18, then ResNet-50), "
+                   "2 local processes", demo.pretrain)
         demo.stage("convert", "2/6 converting the checkpoint to torchvision and detectron2 weights", demo.convert)
         demo.stage("knn", "3/6 k-NN evaluation, pretrained and random init", lambda: demo.classification("knn"))
         demo.stage("knn_resnet50", "3/6 k-NN evaluation of the ResNet-50 (the detection weights)",

@@ -10,7 +10,8 @@ matters) and the views are aligned with the normalised MSE of ``pretrain.losses`
 
 For every run the eigenvalues of the covariance of the transformed output (the quantity Theorem 1 and
 Figures 2/6 are about) and of the MLP output itself, both on all 512 points, are recorded over training;
-the effective rank of the transformed output at the end says whether a dimension collapsed. One command writes the figures and tables::
+the effective rank of the transformed output at the end says whether a dimension collapsed. One command writes
+the figures and tables::
 
     python -m toylab.blobs --out outputs/toylab
 
@@ -94,7 +95,8 @@ class ToyResult:
         return {"label": self.config.label, **{k: v for k, v in asdict(self.config).items()},
                 "final_eigenvalues": self.final_eigenvalues, "effective_rank": self.effective_rank,
                 "lg_ioc": self.lg_ioc, "embedding_effective_rank": self.embedding_effective_rank,
-                "final_embedding_eigenvalues": self.embedding_eigenvalues[-1], "final_loss": self.loss[-1] if self.loss else None}
+                "final_embedding_eigenvalues": self.embedding_eigenvalues[-1],
+                "final_loss": self.loss[-1] if self.loss else None}
 
 
 def make_blobs(n_points: int, n_blobs: int, generator: torch.Generator) -> torch.Tensor:

@@ -116,7 +116,8 @@ class EvalSchema:
     name: str = "eval"
     run_dir: str = "outputs/eval/${name}"
     seed: int = 0
-    weights: Optional[str] = None     # pretraining last.pth / torchvision .pth / official INTL / MoCo; null = random init
+    # pretraining last.pth / torchvision .pth / official INTL / MoCo; null = random init
+    weights: Optional[str] = None
     encoder: str = "online"           # online | momentum (the EMA encoder of an EMA-pretrained model)
     model: ModelSchema = field(default_factory=ModelSchema)
     data: DataSchema = field(default_factory=DataSchema)
@@ -136,7 +137,8 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
     merged = merge_onto_schema(cfg, EvalSchema, stage, EvalConfigError)
     m, d, o, t = merged.model, merged.data, merged.optim, merged.train
     _check(merged.encoder in ENCODERS, f"encoder={merged.encoder!r}; choose one of {list(ENCODERS)}")
-    _check(m.arch is None or m.arch in FEATURE_DIMS, f"model.arch={m.arch!r} is unknown; choose one of {sorted(FEATURE_DIMS)}")
+    _check(m.arch is None or m.arch in FEATURE_DIMS,
+           f"model.arch={m.arch!r} is unknown; choose one of {sorted(FEATURE_DIMS)}")
     _check(merged.weights is not None or m.arch is not None,
            "weights=null (random initialisation) needs model.arch; fix: pass weights=<checkpoint> or "
            "model.arch=resnet50 (and model.small_stem=true for 32-px images)")
@@ -153,7 +155,8 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
         _check(list(o.milestones) == sorted(o.milestones) and all(0 < x for x in o.milestones),
                f"optim.milestones={list(o.milestones)} must be increasing positive epochs")
         _check(t.log_every >= 1 and t.eval_every >= 1, "train.log_every and train.eval_every must be >= 1")
-        _check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch must be null or >= 1")
+        _check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,
+               "train.max_steps_per_epoch must be null or >= 1")
     else:
         _check(merged.knn.k >= 1 and merged.knn.weighted_k >= 0 and merged.knn.temperature > 0,
                "knn.k must be >= 1, knn.weighted_k >= 0 (0 skips it), knn.temperature > 0")
@@ -173,10 +176,12 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
             _check(folder.is_dir(), f"data.{key} = {str(folder)!r} is not a folder; fix: set data.root to the dataset "
                                     "root holding train/<class>/<image> and val/<class>/<image> (ImageNet layout), or "
                                     f"data.{key} to the ImageFolder itself; for the embedded set run `python -m "
-                                    "common.synthetic --out data/synthetic` and use data.root=data/synthetic/classification")
+                                    "common.synthetic --out data/synthetic` and use "
+                                    "data.root=data/synthetic/classification")
         if merged.weights is not None:
             _check(Path(merged.weights).is_file(), f"weights={merged.weights!r} is not a file; fix: pass a pretraining "
-                                                   "last.pth, a converted torchvision .pth, or weights=null for random init")
+                                                   "last.pth, a converted torchvision .pth, or weights=null for "
+                                                   "random init")
         if stage == "semi" and s.list is not None:
             _check(Path(s.list).is_file(), f"subset.list={s.list!r} is not a file; fix: pass a SimCLR list file "
                                            "(e.g. imagenet_subsets/10percent.txt) or use subset.percent=10")
@@ -317,7 +322,8 @@ def data_parallel(model: nn.Module, info: DistInfo) -> nn.Module:
     """``model`` wrapped in DistributedDataParallel when there are several processes."""
     if info.world_size == 1:
         return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -391,8 +397,10 @@ def finish(run_dir: Path, info: DistInfo, results: dict) -> dict | None:
 def results_table(results: dict) -> str:
     """results.md: the headline numbers as a Markdown table (the full record is results.json)."""
     rows = [("stage", results.get("stage")), ("source checkpoint", results.get("source_checkpoint") or "random init"),
-            ("encoder", results.get("encoder")), ("arch (feature dim)", f"{results.get('arch')} ({results.get('feature_dim')})"),
-            ("top-1 (%)", f"{results.get('top1', float('nan')):.2f}"), ("top-5 (%)", f"{results.get('top5', float('nan')):.2f}")]
+            ("encoder", results.get("encoder")),
+            ("arch (feature dim)", f"{results.get('arch')} ({results.get('feature_dim')})"),
+            ("top-1 (%)", f"{results.get('top1', float('nan')):.2f}"),
+            ("top-5 (%)", f"{results.get('top5', float('nan')):.2f}")]
     if results.get("best_top1") is not None:
         rows.append(("best top-1 over epochs (%)", f"{results['best_top1']:.2f}"))
     if results.get("weighted"):
@@ -404,7 +412,8 @@ def results_table(results: dict) -> str:
     if sub:
         rows.append(("labelled subset", f"{sub.get('list') or str(sub.get('percent')) + '% balanced'} "
                                         f"({sub.get('n_images')} images)"))
-    rows += [("epochs", results.get("epochs")), ("train / val images", f"{results.get('n_train')} / {results.get('n_val')}"),
+    rows += [("epochs", results.get("epochs")),
+             ("train / val images", f"{results.get('n_train')} / {results.get('n_val')}"),
              ("processes", results.get("world_size"))]
     return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
@@ -439,7 +448,8 @@ def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_l
     if t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, int(t.max_steps_per_epoch))
     if steps_per_epoch < 1:
-        raise EvalConfigError(f"the training set gives no full batch of {o.batch_size}; fix: a smaller optim.batch_size")
+        raise EvalConfigError(f"the training set gives no full batch of {o.batch_size}; "
+                              "fix: a smaller optim.batch_size")
     total = steps_per_epoch * o.epochs
     factor = lr_factor_schedule(o, total, steps_per_epoch)
     start_epoch, best, history = 0, 0.0, []
@@ -490,7 +500,8 @@ def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_l
             log.info("ep %d/%d val top-1 %.2f top-5 %.2f (best top-1 %.2f)", epoch + 1, o.epochs, final["top1"],
                      final["top5"], best)
         if info.is_main:
-            atomic_torch_save({"format": CLASSIFIER_FORMAT, "model": state_to_save(), "optimizer": optimizer.state_dict(),
+            atomic_torch_save({"format": CLASSIFIER_FORMAT, "model": state_to_save(),
+                               "optimizer": optimizer.state_dict(),
                                "epoch": epoch + 1, "step": step, "best_top1": best, "history": history,
                                "config": to_plain(cfg)}, ckpt)
     return FitResult(final=final, best_top1=best, epochs=o.epochs, steps=step, history=history)

@@ -117,8 +117,8 @@ def expected_weight_count(weights: BackboneWeights) -> int:
 def to_detectron2(weights: BackboneWeights) -> "OrderedDict[str, np.ndarray]":
     """Renames a torchvision ResNet state_dict to detectron2's ResNet names, checking the result."""
     if weights.small_stem:
-        raise ConversionError(f"{weights.source}: a small-stem (CIFAR, 3x3 conv1 without max-pool) {weights.arch} has no "
-                              "detectron2 equivalent (detectron2's stem is 7x7 stride 2 + max-pool); fix: convert "
+        raise ConversionError(f"{weights.source}: a small-stem (CIFAR, 3x3 conv1 without max-pool) {weights.arch} has "
+                              "no detectron2 equivalent (detectron2's stem is 7x7 stride 2 + max-pool); fix: convert "
                               "with --to torchvision, or pretrain with the standard stem for detection transfer")
     out: "OrderedDict[str, np.ndarray]" = OrderedDict()
     for key, value in weights.state_dict.items():
@@ -126,7 +126,8 @@ def to_detectron2(weights: BackboneWeights) -> "OrderedDict[str, np.ndarray]":
         if name is None:
             continue
         if name in out:
-            raise ConversionError(f"two torchvision keys map to the detectron2 key {name!r}; this is a bug in the renaming")
+            raise ConversionError(f"two torchvision keys map to the detectron2 key {name!r}; "
+                                  "this is a bug in the renaming")
         array = value.detach().cpu()
         out[name] = (array.float() if array.is_floating_point() else array).numpy()
     expected = expected_weight_count(weights)
@@ -154,7 +155,8 @@ def verify_torchvision_file(path: Path, weights: BackboneWeights) -> str:
 
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if weights.small_stem:
-        model, target = build_resnet(weights.arch, small_stem=True), f"common.resnet.build_resnet({weights.arch!r}, small_stem=True)"
+        model, target = (build_resnet(weights.arch, small_stem=True),
+                         f"common.resnet.build_resnet({weights.arch!r}, small_stem=True)")
     else:
         model, target = getattr(torchvision.models, weights.arch)(weights=None), f"torchvision.models.{weights.arch}()"
     try:
@@ -338,9 +340,11 @@ def compare_backbone(pkl_path: Path, weights: BackboneWeights, opts: Sequence[st
 
     g = torch.Generator().manual_seed(seed)
     rgb = torch.randint(0, 256, (batch, 3, image_size, image_size), generator=g).float()  # 0-255, RGB
-    tv_in = (rgb / 255 - torch.tensor(TORCHVISION_MEAN).view(1, 3, 1, 1)) / torch.tensor(TORCHVISION_STD).view(1, 3, 1, 1)
+    tv_in = ((rgb / 255 - torch.tensor(TORCHVISION_MEAN).view(1, 3, 1, 1))
+             / torch.tensor(TORCHVISION_STD).view(1, 3, 1, 1))
     d2_img = rgb if cfg.INPUT.FORMAT == "RGB" else rgb.flip(1)  # what detectron2's loader would feed
-    d2_in = (d2_img - torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)) / torch.tensor(cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1)
+    d2_in = ((d2_img - torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1))
+             / torch.tensor(cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1))
     with torch.no_grad():
         d2_out = d2(d2_in)
         x = tv.maxpool(tv.relu(tv.bn1(tv.conv1(tv_in))))

@@ -154,7 +154,8 @@ def run(cfg) -> dict | None:
     va_f, va_y = extract_features(backbone, C.eval_loader(val_ds, cfg.knn.batch_size, cfg.data.workers), info.device,
                                   progress=info.is_main)
     if tr_f.shape[1] != loaded.feature_dim:
-        raise RuntimeError(f"the backbone gave {tr_f.shape[1]} features, expected {loaded.feature_dim} for {loaded.arch}")
+        raise RuntimeError(f"the backbone gave {tr_f.shape[1]} features, "
+                           f"expected {loaded.feature_dim} for {loaded.arch}")
     results = None
     if info.is_main:
         n_cls = len(train_ds.classes)

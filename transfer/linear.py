@@ -79,7 +79,8 @@ def run(cfg: DictConfig) -> dict | None:
         n_val=fit.final.get("n", len(val_ds)), batch_size=cfg.optim.batch_size, lr=lr,
         frozen_backbone_check="passed", history=fit.history)
     if info.is_main:
-        C.write_plot(run_dir, fit.history, f"linear eval: {Path(str(cfg.weights)).name if cfg.weights else 'random init'}")
+        C.write_plot(run_dir, fit.history,
+                     f"linear eval: {Path(str(cfg.weights)).name if cfg.weights else 'random init'}")
     return C.finish(run_dir, info, results)
 
 

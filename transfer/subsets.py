@@ -54,7 +54,8 @@ def read_subset_list(path: str | os.PathLike) -> list[str]:
         raise SubsetError(f"subset list {path}: {len(bad)} lines are not <class>_<id>.<ext> file names, e.g. "
                           f"{bad[:3]}; fix: one image file name per line, as in SimCLR's 10percent.txt")
     if dups:
-        raise SubsetError(f"subset list {path} names {len(dups)} files twice, e.g. {dups[:3]}; fix: remove the duplicates")
+        raise SubsetError(f"subset list {path} names {len(dups)} files twice, e.g. {dups[:3]}; "
+                          "fix: remove the duplicates")
     if not names:
         raise SubsetError(f"subset list {path} is empty; fix: one image file name per line")
     return names

@@ -29,7 +29,8 @@ def test_python_m_benchmarks_quick_writes_json_markdown_png(tmp_path):
         assert r["values"] and all(math.isfinite(v) for v in r["values"])
         assert r["ratio"] is not None and math.isfinite(r["ratio"]) and r["ratio"] > 0
     assert result["machine"]["cpus_usable"] >= 1 and result["settings"]["quick"] is True
-    step_intl = [r for r in result["rows"] if r["benchmark"] == "step" and r["baseline"] and "peak_rss_mb" in r["extra"]]
+    step_intl = [r for r in result["rows"]
+                 if r["benchmark"] == "step" and r["baseline"] and "peak_rss_mb" in r["extra"]]
     assert len(step_intl) == 1 and step_intl[0]["extra"]["peak_rss_mb"] > 50
     assert math.isfinite(step_intl[0]["extra"]["overhead_pct_objective"])
     md = (tmp_path / "smoke.md").read_text()

@@ -50,7 +50,8 @@ def test_intl_pretrain_online_and_ema(tmp_path, r18_online, r18_ema):
                             "config": {"model": {"arch": "resnet18", "small_stem": False}}}, tmp_path / "last.pth")
 
     online = read_backbone_weights(path)
-    assert (online.kind, online.arch, online.small_stem, online.encoder) == ("intl-pretrain", "resnet18", False, "online")
+    assert (online.kind, online.arch, online.small_stem, online.encoder) == \
+        ("intl-pretrain", "resnet18", False, "online")
     _assert_same(online.state_dict, r18_online)
     assert not any(k.startswith("fc.") for k in online.state_dict)
     # every input key is either converted or listed as skipped
@@ -68,7 +69,8 @@ def test_intl_pretrain_config_must_match_the_tensors(tmp_path, r18_online):
     model = {f"backbone.{k}": v for k, v in r18_online.state_dict().items()}
     path = save_checkpoint({"model": model, "epoch": 1, "step": 1, "config": {"model": {"arch": "resnet50"}}},
                            tmp_path / "a.pth")
-    with pytest.raises(CheckpointError, match="config says model.arch=resnet50 but the backbone tensors are a resnet18"):
+    with pytest.raises(CheckpointError,
+                       match="config says model.arch=resnet50 but the backbone tensors are a resnet18"):
         read_backbone_weights(path)
 
 
@@ -176,7 +178,8 @@ def test_non_finite_weights_refused(r18_online):
     sd = {k: v.clone() for k, v in r18_online.state_dict().items()}
     sd["layer3.1.bn2.weight"][0] = float("nan")
     sd["fc.weight"] = torch.full((2, 512), float("inf"))  # a skipped key does not matter
-    with pytest.raises(CheckpointError, match=r"non-finite \(NaN/Inf\) values in 1 backbone tensors: layer3.1.bn2.weight"):
+    with pytest.raises(CheckpointError,
+                       match=r"non-finite \(NaN/Inf\) values in 1 backbone tensors: layer3.1.bn2.weight"):
         read_backbone_weights(sd)
 
 

@@ -107,7 +107,8 @@ def test_lazy_decode_gets_rgb_from_grayscale_palette_and_cmyk_files(tmp_path):
     (root / "c").mkdir(parents=True)
     Image.fromarray(np.full((40, 40), 77, np.uint8), "L").save(root / "c" / "gray.jpg")
     Image.fromarray(np.full((40, 40, 3), 120, np.uint8)).convert("P").save(root / "c" / "pal.png")
-    Image.fromarray(np.full((400, 400, 3), 90, np.uint8)).convert("CMYK").save(root / "c" / "cmyk.jpg")  # ImageNet has some
+    # ImageNet has some CMYK JPEGs
+    Image.fromarray(np.full((400, 400, 3), 90, np.uint8)).convert("CMYK").save(root / "c" / "cmyk.jpg")
     ds = RobustImageFolder(root, transform=build_view_transform({"preset": "synthetic"}))
     assert len(ds) == 3
     for i in range(3):

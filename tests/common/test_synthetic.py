@@ -126,7 +126,8 @@ def test_detectron2_registers_the_coco_set(synthetic_root):
 
     name = "intl_test_synthetic_val"
     if name not in DatasetCatalog.list():
-        register_coco_instances(name, {}, str(synthetic_root / "coco" / "instances_val.json"), str(synthetic_root / "coco"))
+        register_coco_instances(name, {}, str(synthetic_root / "coco" / "instances_val.json"),
+                                str(synthetic_root / "coco"))
     dicts = DatasetCatalog.get(name)
     assert len(dicts) == SyntheticSpec().det_val_images
     assert all(len(d["annotations"]) >= 1 for d in dicts)
@@ -135,7 +136,8 @@ def test_detectron2_registers_the_coco_set(synthetic_root):
 
 def test_rerun_is_a_no_op_and_bad_sizes_fail(tmp_path, capsys):
     out = tmp_path / "s"
-    args = ["--out", str(out), "--cls-train-per-class", "2", "--cls-val-per-class", "1", "--det-train-images", "2", "--det-val-images", "1"]
+    args = ["--out", str(out), "--cls-train-per-class", "2", "--cls-val-per-class", "1", "--det-train-images", "2",
+            "--det-val-images", "1"]
     assert main(args) == 0
     stamp = (out / "manifest.json").stat().st_mtime_ns
     assert main(args) == 0

@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 STAGE_KEYS = ("pretrain", "knn", "linear", "semi", "detection")
 

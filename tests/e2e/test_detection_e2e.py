@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "detection" / "synthetic_R_50_C4.yaml"
 ITERS = 30
 
@@ -27,7 +26,8 @@ def make_converted_weights(tmp: Path) -> Path:
     from transfer.convert import convert
 
     torch.manual_seed(0)
-    sd = {BACKBONE_PREFIX + k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith("fc.")}
+    sd = {BACKBONE_PREFIX + k: v for k, v in torchvision.models.resnet50().state_dict().items()
+          if not k.startswith("fc.")}
     ckpt = save_checkpoint({"model": sd, "ema_model": None, "epoch": 1, "step": 1, "finished": True,
                             "config": {"model": {"arch": "resnet50"}}}, tmp / "pretrain.pth")
     out = tmp / "backbone.pkl"
@@ -82,7 +82,8 @@ def test_fine_tuning_learns_and_evaluates_with_coco_evaluator(experiment):
         for task in ("bbox", "segm"):
             for metric in ("AP50", "AP", "AP75"):
                 assert 0.0 <= res[task][metric] <= 100.0
-        assert res["seed"] == seed and res["iterations"] == ITERS and res["base_lr"] == pytest.approx(0.01)  # 0.02 x 2/4
+        assert res["seed"] == seed and res["iterations"] == ITERS and \
+            res["base_lr"] == pytest.approx(0.01)  # 0.02 x 2/4
         rows = [r for r in read_metrics(run) if "total_loss" in r]
         assert [r["step"] for r in rows] == list(range(ITERS))
         fifth = ITERS // 5
@@ -93,7 +94,8 @@ def test_fine_tuning_learns_and_evaluates_with_coco_evaluator(experiment):
         assert (run / "model_final.pth").is_file() and list((run / "tb").glob("events.out.tfevents.*"))
         # the AP comes from COCOEvaluator's predictions on the held-out split (val image ids only)
         preds = json.loads((run / "inference" / "coco_instances_results.json").read_text())
-        val_ids = {im["id"] for im in json.loads((experiment["data"] / "coco" / "instances_val.json").read_text())["images"]}
+        val_ids = {im["id"]
+                   for im in json.loads((experiment["data"] / "coco" / "instances_val.json").read_text())["images"]}
         assert preds and {p["image_id"] for p in preds} <= val_ids
         assert {"segmentation", "bbox"} <= set(preds[0])
         log = (run / "log.txt").read_text()

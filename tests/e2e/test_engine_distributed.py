@@ -111,5 +111,6 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
             worst = max(worst, err / (scale + 1e-12))
         moved = sum((one["state"][k] - init[k]).abs().sum().item() for k in one["state"] if "weight" in k)
         assert moved > 0  # the steps did change the weights, so the comparison above means something
-        print(f"ema={ema}: losses 1 proc {one['losses']} / 2 procs {two['losses']}; worst relative update error {worst:.2e}")
+        print(f"ema={ema}: losses 1 proc {one['losses']} / 2 procs {two['losses']}; "
+              f"worst relative update error {worst:.2e}")
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from stage_fixtures import compose_pretrain, tiny_overrides
 
 from common.checkpoint import LAST_NAME, load_checkpoint
 from common.runlog import read_metrics
+from stage_fixtures import compose_pretrain, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,7 +79,7 @@ def test_ema_multicrop_preset_runs_with_six_views(tiny_synthetic, tmp_path):
     overrides = ["pretrain/preset=imagenet_800ep_multicrop_ema", "pretrain/data=synthetic_multicrop",
                  f"data.root={tiny_synthetic / 'classification'}", f"run_dir={tmp_path / 'mc'}", "data.workers=0",
                  # the preset's multi-crop, scaled down to the tiny 32-px images (sizes 24/24/20/17/14/10)
-                 "data.augment.views=[{size:24,min_scale:0.2},{size:24,min_scale:0.2},"
+                 "++data.augment.views=[{size:24,min_scale:0.2},{size:24,min_scale:0.2},"
                  "{size:20,min_scale:0.171,max_scale:0.857},{size:17,min_scale:0.143,max_scale:0.714},"
                  "{size:14,min_scale:0.114,max_scale:0.571},{size:10,min_scale:0.086,max_scale:0.429}]",
                  "model.arch=resnet18", "model.projector=[64,64,64]", "optim.batch_size=16", "train.max_steps=3",

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-import stage_fixtures
 import torch
 
+import stage_fixtures
 from slurm import stages
 from slurm.submit import main
 

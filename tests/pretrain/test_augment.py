@@ -19,7 +19,7 @@ from pretrain.augment import (
     ViewParams,
     aug_config_from,
     build_view_transform,
-    default_config_dict,
+    config_dict,
 )
 
 
@@ -67,8 +67,8 @@ def test_overrides_on_top_of_a_preset_and_dictconfig():
     cfg = aug_config_from(OmegaConf.create({"preset": "imagenet", "hue": 0.0, "views": [{"size": 64}, {"size": 48}]}))
     assert cfg.hue == 0.0 and [v.size for v in cfg.views] == [64, 48]
     assert cfg.views[1].blur_prob == 1.0  # a view given without keys takes the ViewSpec defaults
-    assert set(default_config_dict()) == set(AUG_KEYS)
-    assert set(default_config_dict("cifar")["views"][0]) == set(VIEW_KEYS)
+    assert set(config_dict()) == set(AUG_KEYS)
+    assert set(config_dict({"preset": "cifar"})["views"][0]) == set(VIEW_KEYS)
 
 
 @pytest.mark.parametrize("bad, needle", [
@@ -100,7 +100,8 @@ def test_outputs_are_normalised_float_views(photo):
     t = build_view_transform({"preset": "imagenet_multicrop", "views": [
         {"size": 48}, {"size": 48}, {"size": 40}, {"size": 32}, {"size": 24}, {"size": 16}]})
     views = t(photo)
-    assert [tuple(v.shape) for v in views] == [(3, 48, 48), (3, 48, 48), (3, 40, 40), (3, 32, 32), (3, 24, 24), (3, 16, 16)]
+    assert [tuple(v.shape) for v in views] == [(3, 48, 48), (3, 48, 48), (3, 40, 40), (3, 32, 32), (3, 24, 24),
+                                               (3, 16, 16)]
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in views)
     lo = (0 - 0.485) / 0.229 - 1e-4
     hi = (1 - 0.406) / 0.225 + 1e-4
@@ -110,8 +111,8 @@ def test_outputs_are_normalised_float_views(photo):
 
 def _reference_apply(img, p: ViewParams, size, cfg):
     """The reference code's PIL operations (torchvision v1 functional) with given parameters."""
-    t, l, h, w = p.box
-    x = F.resized_crop(img, t, l, h, w, [size, size], F.InterpolationMode.BICUBIC)
+    t, lft, h, w = p.box
+    x = F.resized_crop(img, t, lft, h, w, [size, size], F.InterpolationMode.BICUBIC)
     if p.jitter is not None:
         order, *factors = p.jitter
         fns = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue]
@@ -169,7 +170,8 @@ def test_reduced_scale_decode_only_when_every_crop_allows(tmp_path):
     big = build_view_transform({"views": [{"size": 1000, "min_scale": 0.9}]})
     assert big.decode(Image.open(path), big.sample_params(1600, 1200)).size == (1600, 1200)
     # Same parameters with and without the reduced decode give (almost) the same views.
-    exact = build_view_transform({"views": [{"size": 96, "min_scale": 0.3, "max_scale": 0.5}] * 2, "fast_decode": False})
+    exact = build_view_transform({"views": [{"size": 96, "min_scale": 0.3, "max_scale": 0.5}] * 2,
+                                  "fast_decode": False})
     torch.manual_seed(5)
     a = t(Image.open(path))
     torch.manual_seed(5)
@@ -268,7 +270,8 @@ def test_applied_grayscale_frequency_on_real_outputs(photo):
 
 def test_output_distribution_matches_the_reference_pipeline(photo):
     """Per-channel mean / std of many views of one image: fast pipeline vs the plain torchvision one."""
-    cfg = {"views": [{"size": 32, "blur_prob": 1.0, "solarize_prob": 0.0}, {"size": 32, "blur_prob": 0.1, "solarize_prob": 0.2}]}
+    cfg = {"views": [{"size": 32, "blur_prob": 1.0, "solarize_prob": 0.0},
+                     {"size": 32, "blur_prob": 0.1, "solarize_prob": 0.2}]}
     fast, ref = build_view_transform(cfg), reference_view_pipeline(cfg)
     torch.manual_seed(3)
     a = torch.stack([v for _ in range(300) for v in fast(photo)])

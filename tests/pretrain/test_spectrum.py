@@ -28,7 +28,8 @@ def test_covariance_spectrum_recovers_known_eigenvalues_sorted():
 
 def test_wide_embeddings_keep_only_the_eigenvalues_a_batch_can_make_non_zero():
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(10, 50, generator=g, dtype=torch.float64) @ torch.diag(torch.linspace(0.5, 2.0, 50, dtype=torch.float64))
+    z = (torch.randn(10, 50, generator=g, dtype=torch.float64)
+         @ torch.diag(torch.linspace(0.5, 2.0, 50, dtype=torch.float64)))
     got = covariance_spectrum(z)
     zc = z - z.mean(0)
     full = torch.linalg.eigvalsh(zc.T @ zc / 9).flip(0)  # 50 eigenvalues, 41 of them zero by construction

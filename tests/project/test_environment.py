@@ -34,6 +34,7 @@ def test_lock_pins_match_installed():
 def test_find_python310_reports_failure(tmp_path):
     """Without any Python 3.10 the venv builder stops with a message saying how to get one."""
     env = {"PATH": str(tmp_path), "PYTHON310": "/nonexistent"}
-    out = subprocess.run(["/bin/bash", str(ROOT / "tools" / "find-python310.sh")], capture_output=True, text=True, env=env)
+    out = subprocess.run(["/bin/bash", str(ROOT / "tools" / "find-python310.sh")], capture_output=True, text=True,
+                         env=env)
     assert out.returncode == 1
     assert "Python 3.10 was not found" in out.stderr and "pyenv install" in out.stderr

@@ -13,8 +13,8 @@ import stat
 from pathlib import Path
 
 import pytest
-import stage_fixtures
 
+import stage_fixtures
 from slurm import executor, stages
 from slurm.errors import SubmitError
 from slurm.submit import main
@@ -187,8 +187,8 @@ def test_pretrain_dry_run_checks_batch_and_data(tmp_path, monkeypatch, capsys):
     assert main(["pretrain", "--cluster", "local", "--gpus", "2", "--dry-run", "data.root=/no/such/folder"]) == 2
     err = _err(capsys)
     assert "pretrain stage rejects this setup" in err and "/no/such/folder" in err and "fix:" in err
-    assert main(["pretrain", "--cluster", "local", "--gpus", "3", "--dry-run", f"data.root={ROOT}/data/synthetic/classification",
-                 "optim.batch_size=64"]) == 2
+    assert main(["pretrain", "--cluster", "local", "--gpus", "3", "--dry-run",
+                 f"data.root={ROOT}/data/synthetic/classification", "optim.batch_size=64"]) == 2
     assert "not divisible" in _err(capsys)
 
 

@@ -153,7 +153,8 @@ def test_key_report_flags_missing_backbone_and_unused_keys(tmp_path, r50_checkpo
         pickle.dump(ckpt, f)
     bad = mask_rcnn_c4_key_report(out, weights)
     assert not bad.ok and bad.loaded == 263
-    assert sorted(bad.backbone_missing) == ["backbone.res3.0.shortcut.norm.running_var", "roi_heads.res5.1.conv2.weight"]
+    assert sorted(bad.backbone_missing) == ["backbone.res3.0.shortcut.norm.running_var",
+                                            "roi_heads.res5.1.conv2.weight"]
     assert bad.unused == ["res6.0.conv1.weight"]
     assert "ERROR backbone keys missing: 2" in "\n".join(bad.lines())
     assert set(bad.expected_new) == set(good.expected_new)
@@ -183,7 +184,8 @@ def r18_pair():
 def _official(online, ema) -> dict:
     sd = {f"module.backbone.{k}": v for k, v in online.state_dict().items()}
     sd.update({f"module.momentum_backbone.{k}": v for k, v in ema.state_dict().items()})
-    sd.update({"module.projector.0.weight": torch.randn(8, 512), "module.momentum_projector.0.weight": torch.randn(8, 512)})
+    sd.update({"module.projector.0.weight": torch.randn(8, 512),
+               "module.momentum_projector.0.weight": torch.randn(8, 512)})
     return {"epoch": 100, "arch": "resnet18", "state_dict": sd, "optimizer": {"state": {}, "param_groups": []}}
 
 

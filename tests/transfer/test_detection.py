@@ -128,13 +128,15 @@ def test_missing_dataset_files_are_named_before_queueing(tmp_path, synthetic_roo
     for split in ("train2017", "val2017"):
         (tmp_path / "coco" / split).mkdir()
         (tmp_path / "coco" / "annotations" / f"instances_{split}.json").write_text("{}")
-    assert len(check_dataset_files(load_config(CONFIGS / "coco_R_50_C4_1x.yaml", ["INTL.DATA_ROOT", str(tmp_path)]))) == 4
+    assert len(check_dataset_files(load_config(CONFIGS / "coco_R_50_C4_1x.yaml",
+                                               ["INTL.DATA_ROOT", str(tmp_path)]))) == 4
 
     # a COCO-json set by name + paths, and an unknown name
     coco = synthetic_root / "coco"
     sets = repr([["syn_train", str(coco / "instances_train.json"), str(coco)],
                  ["syn_val", str(tmp_path / "missing.json"), str(coco)]])
-    cfg = load_config(CONFIGS / "synthetic_R_50_C4.yaml", ["INTL.COCO_JSON_SETS", sets, "DATASETS.TRAIN", "('syn_train',)",
+    cfg = load_config(CONFIGS / "synthetic_R_50_C4.yaml", ["INTL.COCO_JSON_SETS", sets,
+                                                           "DATASETS.TRAIN", "('syn_train',)",
                                                            "DATASETS.TEST", "('syn_val',)"])
     with pytest.raises(DatasetFilesError, match="syn_val: .*missing.json"):
         check_dataset_files(cfg)
@@ -143,7 +145,8 @@ def test_missing_dataset_files_are_named_before_queueing(tmp_path, synthetic_roo
     with pytest.raises(DetectionSetupError, match="MODEL.WEIGHTS .*does not exist"):
         preflight(CONFIGS / "synthetic_R_50_C4.yaml", ["INTL.COCO_JSON_SETS", repr([
             ["synthetic_coco_train", str(coco / "instances_train.json"), str(coco)],
-            ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]]), "MODEL.WEIGHTS", str(tmp_path / "w.pkl")])
+            ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]]),
+            "MODEL.WEIGHTS", str(tmp_path / "w.pkl")])
 
 
 def test_registered_coco_json_set_loads(synthetic_root):

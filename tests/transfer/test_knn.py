@@ -57,7 +57,8 @@ def test_knn_vote_by_hand():
 
 def test_knn_rejects_bad_input():
     with pytest.raises(ValueError, match="feature dimensions differ"):
-        knn_accuracy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
+        knn_accuracy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long),
+                     torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
 
 
 class _Tiny(nn.Module):

@@ -72,7 +72,8 @@ def test_load_check_missing_keys_must_be_exactly_the_classifier(tmp_path):
     assert loaded.model.fc.weight.shape == (7, 512)
     assert torch.equal(loaded.model.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
     with pytest.raises(C.EvalConfigError, match="holds a resnet18"):
-        C.build_model(linear.validate_config(OmegaConf.merge(cfg, {"model": {"arch": "resnet50"}}), check_paths=False), 7)
+        C.build_model(linear.validate_config(OmegaConf.merge(cfg, {"model": {"arch": "resnet50"}}),
+                                             check_paths=False), 7)
 
     def model():
         m = build_resnet("resnet18", small_stem=True)
@@ -115,10 +116,11 @@ def test_linear_pretrained_beats_random_init(synthetic_root, synthetic_pretraini
     pretrained_checkpoint = Path(synthetic_pretraining[1]["checkpoint"])
     short = ("eval/linear=synthetic", f"data.root={synthetic_root / 'classification'}", "optim.epochs=4",
              "optim.milestones=[3]", "train.eval_every=4", "train.log_every=15")
-    pre = linear.run(compose_config("linear", [*short, f"run_dir={tmp_path / 'pre'}", f"weights={pretrained_checkpoint}"]))
+    pre = linear.run(compose_config("linear", [*short, f"run_dir={tmp_path / 'pre'}",
+                                               f"weights={pretrained_checkpoint}"]))
     rnd = linear.run(compose_config("linear", [*short, f"run_dir={tmp_path / 'rnd'}", "model.arch=resnet18"]))
-    print(f"\nlinear eval top-1 on the synthetic val set: pretrained {pre['top1']:.1f} vs random init {rnd['top1']:.1f} "
-          f"(top-5 {pre['top5']:.1f} vs {rnd['top5']:.1f})")
+    print(f"\nlinear eval top-1 on the synthetic val set: pretrained {pre['top1']:.1f} "
+          f"vs random init {rnd['top1']:.1f} (top-5 {pre['top5']:.1f} vs {rnd['top5']:.1f})")
     assert pre["frozen_backbone_check"] == "passed" and pre["feature_dim"] == 512
     assert pre["source_checkpoint"] == str(pretrained_checkpoint) and pre["weights_kind"] == "intl-pretrain"
     for res, d in ((pre, tmp_path / "pre"), (rnd, tmp_path / "rnd")):

@@ -27,7 +27,8 @@ def test_paper_presets_read_back():
             (20, 256, 0.2, blr, 0.9, 0.0, "cosine"), preset
         assert cfg.subset.list.endswith(f"{pct}percent.txt") and cfg.subset.percent is None
     assert compose_config("semi", []).subset.list.endswith("10percent.txt")  # the default preset
-    syn = semi.validate_config(compose_config("semi", ["eval/semi=synthetic", "model.arch=resnet18"]), check_paths=False)
+    syn = semi.validate_config(compose_config("semi", ["eval/semi=synthetic", "model.arch=resnet18"]),
+                               check_paths=False)
     assert syn.subset.percent == 10 and syn.subset.list is None
 
 
@@ -53,7 +54,8 @@ def test_semi_on_a_ten_percent_subset_end_to_end(tiny_synthetic, tmp_path):
     sub = on_disk["subset"]
     assert sub["percent"] == 10.0 and sub["n_images"] == 20 and sub["n_classes"] == 10
     assert on_disk["steps"] == 2 * 5  # 20 labelled images / batch 4, two epochs
-    assert on_disk["backbone_lr"] == pytest.approx(0.006 * 4 / 256) and on_disk["classifier_lr"] == pytest.approx(0.2 * 4 / 256)
+    assert on_disk["backbone_lr"] == pytest.approx(0.006 * 4 / 256) and \
+        on_disk["classifier_lr"] == pytest.approx(0.2 * 4 / 256)
     names = read_subset_list(sub["saved_list"])  # the drawn subset is saved as a reusable SimCLR list
     assert len(names) == 20 and Path(sub["saved_list"]).parent == run_dir
     assert (run_dir / "COMPLETE").exists() and (run_dir / "config.yaml").exists() and any((run_dir / "tb").iterdir())

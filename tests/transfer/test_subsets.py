@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import pytest
-from stage_fixtures import SHARED
 
 from common.imagefolder import RobustImageFolder
+from stage_fixtures import SHARED
 from transfer.subsets import (
     SubsetError,
     balanced_subset,

@@ -54,7 +54,8 @@ def aggregate(run_dir: str | Path) -> dict:
         else:
             incomplete.append(d.name)
     if not per_seed:
-        raise DetectionSetupError(f"no seed*/results.json under {run_dir} (seed folders: {[d.name for d in seed_dirs]}); "
+        raise DetectionSetupError(f"no seed*/results.json under {run_dir} "
+                                  f"(seed folders: {[d.name for d in seed_dirs]}); "
                                   "fix: run `submit detection ... --seeds N` first, or pass the experiment folder "
                                   "outputs/detection/<name>")
     tasks = [t for t in TABLE_TASKS if all(t in r for r in per_seed.values())]

@@ -62,8 +62,9 @@ def _json_sets(cfg) -> dict[str, tuple[Path, Path]]:
     sets = {}
     for entry in cfg.INTL.COCO_JSON_SETS:
         if not isinstance(entry, (list, tuple)) or len(entry) != 3:
-            raise DetectionSetupError(f"INTL.COCO_JSON_SETS entries must be [name, json_file, image_root], got {entry!r}; "
-                                      "fix: e.g. INTL.COCO_JSON_SETS \"[['shapes_train', 'd/instances_train.json', 'd']]\"")
+            raise DetectionSetupError(f"INTL.COCO_JSON_SETS entries must be [name, json_file, image_root], "
+                                      f"got {entry!r}; fix: e.g. INTL.COCO_JSON_SETS "
+                                      "\"[['shapes_train', 'd/instances_train.json', 'd']]\"")
         name, json_file, image_root = (str(x) for x in entry)
         sets[name] = (_resolve(json_file), _resolve(image_root))
     return sets

@@ -54,7 +54,8 @@ def check_weights_file(cfg) -> None:
     w = cfg.MODEL.WEIGHTS
     if _is_local_file_uri(w) and not Path(w).expanduser().is_file():
         raise DetectionSetupError(f"MODEL.WEIGHTS {w} does not exist; fix: convert a pretraining checkpoint with "
-                                  "`intl-convert CHECKPOINT OUT.pkl` and pass OUT.pkl, or MODEL.WEIGHTS \"\" for random init")
+                                  "`intl-convert CHECKPOINT OUT.pkl` and pass OUT.pkl, or MODEL.WEIGHTS \"\" for "
+                                  "random init")
 
 
 def preflight(config_file: str | os.PathLike, opts=(), world_size: int | None = None):
@@ -99,12 +100,14 @@ class _RunLog:
         from detectron2.utils.logger import setup_logger
 
         for name in LOGGER_NAMES:
-            setup_logger(output=None, distributed_rank=rank, name=name, abbrev_name="d2" if name == "detectron2" else name)
+            setup_logger(output=None, distributed_rank=rank, name=name,
+                         abbrev_name="d2" if name == "detectron2" else name)
         self.handler = None
         if rank == 0:
             output_dir.mkdir(parents=True, exist_ok=True)
             self.handler = logging.FileHandler(output_dir / "log.txt")
-            self.handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s", "%m/%d %H:%M:%S"))
+            self.handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s",
+                                                        "%m/%d %H:%M:%S"))
             for name in LOGGER_NAMES:
                 logging.getLogger(name).addHandler(self.handler)
 
@@ -178,7 +181,8 @@ def _train(cfg, config_file, opts, resume, dist_info, adjust_lines) -> dict | No
     trainer = Trainer(cfg)
     last = trainer.checkpointer.get_checkpoint_file() if trainer.checkpointer.has_checkpoint() else None
     if resume and last:
-        logger.info("RESUMING this run from %s (model, optimizer, scheduler, iteration); MODEL.WEIGHTS is not used", last)
+        logger.info("RESUMING this run from %s (model, optimizer, scheduler, iteration); "
+                    "MODEL.WEIGHTS is not used", last)
     else:
         why = "--resume not given" if not resume else "no checkpoint in the run folder"
         src = cfg.MODEL.WEIGHTS or "random initialisation (MODEL.WEIGHTS is empty)"
@@ -237,14 +241,16 @@ def main(argv=None) -> int:
             import torch.multiprocessing as mp
 
             mp.start_processes(_spawned_worker, nprocs=args.num_gpus, start_method="spawn",
-                               args=(args.num_gpus, _free_port(), args.config_file, args.opts, args.output_dir, args.resume))
+                               args=(args.num_gpus, _free_port(), args.config_file, args.opts, args.output_dir,
+                                     args.resume))
             return 0
         results = run_task(args.config_file, args.opts, args.output_dir, resume=args.resume)
     except UserError as e:  # DetectionSetupError, CheckpointError, ...: the message names the fix
         print(f"detection: error: {e}", file=sys.stderr)
         return 2
     if results:
-        print(json.dumps({t: {m: results[t].get(m) for m in ("AP50", "AP", "AP75")} for t in ("bbox", "segm") if t in results}))
+        print(json.dumps({t: {m: results[t].get(m) for m in ("AP50", "AP", "AP75")}
+                          for t in ("bbox", "segm") if t in results}))
     return 0
 
 

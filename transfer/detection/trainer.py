@@ -153,7 +153,8 @@ class Trainer(DefaultTrainer):
 
         model = build_model(cfg)
         n = sum(p.numel() for p in model.parameters())
-        logger.info("model: %s with %s, %.1fM parameters", cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.ROI_HEADS.NAME, n / 1e6)
+        logger.info("model: %s with %s, %.1fM parameters", cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.ROI_HEADS.NAME,
+                    n / 1e6)
         return model
 
     @classmethod

@@ -85,7 +85,8 @@ class CheckedDetectionCheckpointer(DetectionCheckpointer):
         self.last_report = report
         if not report.ok:
             lines = [f"missing from the weights: {k}" for k in report.missing_backbone[:20]]
-            lines += [f"shape {s} in the weights, {m} in the model: {k}" for k, s, m in report.wrong_shape_backbone[:20]]
+            lines += [f"shape {s} in the weights, {m} in the model: {k}"
+                      for k, s, m in report.wrong_shape_backbone[:20]]
             more = len(report.missing_backbone) + len(report.wrong_shape_backbone) - len(lines)
             raise WeightsMismatchError(
                 f"the initial weights do not fit the backbone: {len(report.missing_backbone)} backbone key(s) missing, "
@@ -97,7 +98,8 @@ class CheckedDetectionCheckpointer(DetectionCheckpointer):
                     "for an SSL backbone (RPN, box/mask predictors, mask deconv, res5 extra norm):\n  %s",
                     report.loaded, len(report.expected_new), "\n  ".join(_group(report.expected_new)) or "(none)")
         for k, s, m in report.wrong_shape_other:
-            logger.info("weights: head tensor %s has shape %s in the file, %s in the model: starts from scratch", k, s, m)
+            logger.info("weights: head tensor %s has shape %s in the file, %s in the model: starts from scratch",
+                        k, s, m)
         if report.unused:
             logger.info("weights: %d tensors in the file are not used by the model: %s",
                         len(report.unused), ", ".join(_group(report.unused)))
