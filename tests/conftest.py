@@ -4,7 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import stage_fixtures
+from slurm import stages
 from stage_fixtures import ROOT
+
+TESTS = ROOT / "tests"
 
 # Two cores shared by the test process and the ranks it spawns: one thread each avoids oversubscription.
 torch.set_num_threads(int(os.environ.get("INTL_TEST_THREADS", "1")))
@@ -20,6 +24,15 @@ def _restore_environment():
     if dict(os.environ) != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.fixture
+def one_thread():
+    """torch computes with one thread during the test (its numbers do not depend on the thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +70,24 @@ def synthetic_pretraining(synthetic_root, tmp_path_factory):
     summary = run(cfg)
     assert summary["steps"] == 150 and (run_dir / "last.pth").is_file()
     return cfg, summary
+
+
+@pytest.fixture
+def counter_env(tmp_path, monkeypatch):
+    """For the launcher tests: cwd = a fresh folder; the test-only `counter` stage registered
+    (stage_fixtures); job processes can import stage_fixtures."""
+    cfg_dir = stage_fixtures.write_counter_config(tmp_path / "cfgs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, stage_fixtures.extra_stages_env(cfg_dir))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "0.5")
+    return tmp_path
+
+
+@pytest.fixture
+def fakedet_env(counter_env, monkeypatch):
+    """counter_env plus a detection-like test stage (`fakedet`) and its one-line config file."""
+    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, "fakedet=stage_fixtures:run_seed@detectron2")
+    cfg = counter_env / "det.yaml"
+    cfg.write_text("MODEL:\n  WEIGHTS: ''\n")
+    return cfg

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -138,3 +139,30 @@ def tiny_overrides(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
             "++data.augment.views=[{size:16,min_scale:0.2},{size:16,min_scale:0.2}]",
             "model.arch=resnet18", "model.projector=[64,64,64]", "optim.batch_size=16", "optim.epochs=1",
             "optim.warmup_epochs=0", "train.log_every=1", "train.spectrum_every=0", *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def linear_cfg(data_root: Path, run_dir: Path, *extra: str):
+    """The linear synthetic preset on the tiny set: 120 train / 40 val 32-px images, 3 steps of 40 per epoch."""
+    return compose_config("linear", ["eval/linear=synthetic", f"data.root={data_root / 'classification'}",
+                                     f"run_dir={run_dir}", "data.workers=0", "optim.batch_size=40",
+                                     "train.log_every=1", *extra])
+
+
+def semi_cfg(data_root: Path, run_dir: Path, *extra: str):
+    """The semi synthetic preset (class-balanced 10% drawn from seed) on the tiny set: 12 labelled images."""
+    return compose_config("semi", ["eval/semi=synthetic", f"data.root={data_root / 'classification'}",
+                                   f"run_dir={run_dir}", "data.workers=0", "optim.batch_size=4",
+                                   "train.log_every=1", "model.arch=resnet18", *extra])
+
+
+def knn_cfg(data_root: Path, run_dir: Path, *extra: str):
+    """The k-NN synthetic preset on the tiny set, random-init ResNet-18 unless weights= is given."""
+    return compose_config("knn", ["eval/knn=synthetic", f"data.root={data_root / 'classification'}",
+                                  f"run_dir={run_dir}", "data.workers=0", "knn.batch_size=40",
+                                  "model.arch=resnet18", *extra])

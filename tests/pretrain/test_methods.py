@@ -18,12 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 METHOD_DIR = ROOT / "configs" / "method"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _views(n, m=16, d=12, seed=0, dtype=torch.float64):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-import stage_fixtures
 from slurm import executor, stages
 from slurm.errors import SubmitError
 from slurm.submit import main
@@ -23,19 +22,12 @@ TESTS = Path(__file__).resolve().parents[1]  # tests/: stage_fixtures lives ther
 ROOT = TESTS.parent
 
 
-@pytest.fixture
-def counter_env(tmp_path, monkeypatch):
-    """cwd = a fresh folder; the counter stage registered; job processes can import stage_fixtures."""
-    cfg_dir = stage_fixtures.write_counter_config(tmp_path / "cfgs")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, stage_fixtures.extra_stages_env(cfg_dir))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "0.5")
-    return tmp_path
-
-
 def _err(capsys) -> str:
     return capsys.readouterr().err
+
+
+
+
 
 
 # ----------------------------------------------------------------------------------- registry / compose
@@ -227,46 +219,12 @@ def test_run_with_a_job_still_running_is_not_submitted_twice(counter_env, capsys
 
 
 # -------------------------------------------------------------------------------- local processes
-@pytest.mark.slow
-def test_local_failure_exits_non_zero(counter_env, capsys):
-    assert main(["counter", "--cluster", "local", "--gpus", "1", "--wait", "fail=true"]) == 1
-    captured = capsys.readouterr()
-    assert "FAILED" in captured.err and "asked to fail" in captured.err
 
 
 # ------------------------------------------------------------------------------ the real pretraining
-@pytest.mark.slow
-def test_pretrain_two_local_processes_leave_a_checkpoint(tiny_synthetic, tmp_path, monkeypatch, capsys):
-    from common.checkpoint import load_checkpoint
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
-    argv = ["pretrain", "--nodes", "1", "--gpus", "2", "--cluster", "local", "--wait", "--name", "tiny",
-            *stage_fixtures.tiny_pretrain_overrides(tiny_synthetic / "classification", steps=3, ckpt_every=2)]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "rank 0 of world size 2" in out and "world size 2" in out
-    run = tmp_path / "outputs" / "pretrain" / "tiny"
-    ckpt = load_checkpoint(run / "last.pth")
-    assert ckpt["step"] == 3 and ckpt["finished"] is True
-    assert (run / "COMPLETE").exists() and (run / "config.yaml").exists()
-    assert "step 3/3" in out  # the rank-0 progress lines were streamed
-    assert list((run / "submitit").glob("*_1_log.out"))  # rank 1 ran and logged in the run folder
-    sub = [json.loads(x) for x in (run / "submissions.jsonl").read_text().splitlines()]
-    assert len(sub) == 1 and sub[0]["cluster"] == "local" and sub[0]["gpus"] == 2
-    # Submitting the finished run again does nothing and says so.
-    assert main(argv) == 0
-    assert "already complete" in capsys.readouterr().out
-    assert len((run / "submissions.jsonl").read_text().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------- detection: --seeds flow
-@pytest.fixture
-def fakedet_env(counter_env, monkeypatch):
-    monkeypatch.setenv(stages.EXTRA_STAGES_ENV, "fakedet=stage_fixtures:run_seed@detectron2")
-    cfg = counter_env / "det.yaml"
-    cfg.write_text("MODEL:\n  WEIGHTS: ''\n")
-    return cfg
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -302,22 +260,6 @@ def test_detection_dry_run_one_job_per_seed(fakedet_env, capsys):
     assert not run.exists()
 
 
-@pytest.mark.slow
-def test_detection_seeds_run_and_aggregate(fakedet_env, capsys):
-    argv = ["fakedet", "--cluster", "local", "--gpus", "1", "--seeds", "2", "--wait", "--name", "exp",
-            "--config-file", str(fakedet_env), "SOLVER.MAX_ITER", "1"]
-    assert main(argv) == 0
-    run = fakedet_env.parent / "outputs" / "detection" / "exp"
-    for k in (0, 1):
-        seen = json.loads((run / f"seed{k}" / "opts.json").read_text())
-        assert seen["opts"] == ["SOLVER.MAX_ITER", "1", "SEED", str(k)]
-        # both seeds run at once on this machine: each gets its share of the cores, not all of them
-        assert seen["torch_threads"] <= max(1, (os.cpu_count() or 1) // 2)
-    summary = json.loads((run / "results.json").read_text())
-    assert summary["n_seeds"] == 2 and summary["mean"]["bbox"]["AP"] == pytest.approx(10.5)
-    assert "Detection: exp" in capsys.readouterr().out  # the aggregated table is printed
-    assert main(argv) == 0  # every seed complete: nothing is submitted again
-    assert "all 2 seed folders are COMPLETE" in capsys.readouterr().out
 
 
 def test_real_detection_stage_checks_the_batch_against_the_world_size_before_queueing(synthetic_root, capsys,
@@ -332,23 +274,3 @@ def test_real_detection_stage_checks_the_batch_against_the_world_size_before_que
     assert main(argv) == 0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "method")
-                                           .glob("*.yaml") if p.stem != "intl"))
-def test_every_registered_method_trains_through_submit_on_two_processes(method, tiny_synthetic, tmp_path, monkeypatch,
-                                                                        capsys):
-    """Issue 9: `submit pretrain method=<name> --cluster local` for each method beside INTL (INTL: above)."""
-    import math
-
-    from common.checkpoint import load_checkpoint
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
-    argv = ["pretrain", "--gpus", "2", "--cluster", "local", "--wait", "--name", method, f"method={method}",
-            *stage_fixtures.tiny_pretrain_overrides(tiny_synthetic / "classification", steps=2, ckpt_every=2)]
-    assert main(argv) == 0
-    run = tmp_path / "outputs" / "pretrain" / method
-    ckpt = load_checkpoint(run / "last.pth")
-    assert ckpt["step"] == 2 and ckpt["config"]["method"]["name"] == method
-    summary = json.loads((run / "COMPLETE").read_text())
-    assert math.isfinite(summary["final_loss"]) and summary["world_size"] == 2

@@ -1,13 +1,13 @@
 """k-NN evaluation: the vote, feature extraction (1 and 2 gloo processes), and the stage end to end."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from stage_fixtures import free_port
 from transfer.knn import extract_features, knn_accuracy
 
 
@@ -96,10 +96,6 @@ def _extract_worker(rank, world, port, out_path):
     cleanup()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_extract_features_single_and_two_processes_agree(tmp_path):
@@ -119,12 +115,6 @@ def test_extract_features_single_and_two_processes_agree(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the stage
-def knn_cfg(data_root, run_dir, *extra):
-    from common.config import compose_config
-
-    return compose_config("knn", ["eval/knn=synthetic", f"data.root={data_root / 'classification'}",
-                                  f"run_dir={run_dir}", "data.workers=0", "knn.batch_size=40",
-                                  "model.arch=resnet18", *extra])
 
 
 def test_knn_presets_read_back():
@@ -135,39 +125,5 @@ def test_knn_presets_read_back():
     assert (cfg.data.val_resize, cfg.data.val_crop) == (256, 224)
 
 
-def _knn_worker(rank, world, port, data_root, run_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from pathlib import Path
-
-    from common.distributed import cleanup
-    from transfer import knn
-
-    torch.set_num_threads(1)
-    out = knn.run(knn_cfg(Path(data_root), Path(run_dir)))
-    assert (out is not None) == (rank == 0)
-    cleanup()
 
 
-@pytest.mark.slow
-def test_knn_stage_one_and_two_processes_agree(tiny_synthetic, tmp_path):
-    import json
-
-    from transfer import knn
-
-    res = knn.run(knn_cfg(tiny_synthetic, tmp_path / "one"))
-    on_disk = json.loads((tmp_path / "one" / "results.json").read_text())
-    assert on_disk["top1"] == res["top1"] and on_disk["k"] == 5 and on_disk["weighted"]["k"] == 20
-    assert on_disk["n_train"] == 120 and on_disk["n_val"] == 40 and on_disk["feature_dim"] == 512
-    assert on_disk["epochs"] == 0 and on_disk["source_checkpoint"] is None
-    assert (tmp_path / "one" / "COMPLETE").exists() and any((tmp_path / "one" / "tb").iterdir())
-    assert "weighted k-NN k=20" in (tmp_path / "one" / "results.md").read_text()
-    again = knn.run(knn_cfg(tiny_synthetic, tmp_path / "one"))
-    assert again["already_complete"] and again["top1"] == res["top1"]
-    # Two gloo processes: each extracts its shard, the gathered features give the same votes.
-    mp.spawn(_knn_worker, args=(2, free_port(), str(tiny_synthetic), str(tmp_path / "two")), nprocs=2, join=True)
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert two["world_size"] == 2 and two["n_train"] == 120 and two["n_val"] == 40
-    # Same features up to float summation order: at most one of the 40 votes may flip.
-    assert two["top1"] == pytest.approx(res["top1"], abs=2.5)
-    assert two["weighted"]["top1"] == pytest.approx(res["weighted"]["top1"], abs=2.5)

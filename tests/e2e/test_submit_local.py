@@ -1,0 +1,81 @@
+"""`submit` with local processes, for real: a failing job exits 1, two-process pretraining leaves a
+checkpoint, detection seeds run and aggregate, every registered method trains on two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import stage_fixtures
+from slurm.submit import main
+
+
+def test_local_failure_exits_non_zero(counter_env, capsys):
+    assert main(["counter", "--cluster", "local", "--gpus", "1", "--wait", "fail=true"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.err and "asked to fail" in captured.err
+
+
+def test_pretrain_two_local_processes_leave_a_checkpoint(tiny_synthetic, tmp_path, monkeypatch, capsys):
+    from common.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
+    argv = ["pretrain", "--nodes", "1", "--gpus", "2", "--cluster", "local", "--wait", "--name", "tiny",
+            *stage_fixtures.tiny_pretrain_overrides(tiny_synthetic / "classification", steps=3, ckpt_every=2)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "rank 0 of world size 2" in out and "world size 2" in out
+    run = tmp_path / "outputs" / "pretrain" / "tiny"
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["step"] == 3 and ckpt["finished"] is True
+    assert (run / "COMPLETE").exists() and (run / "config.yaml").exists()
+    assert "step 3/3" in out  # the rank-0 progress lines were streamed
+    assert list((run / "submitit").glob("*_1_log.out"))  # rank 1 ran and logged in the run folder
+    sub = [json.loads(x) for x in (run / "submissions.jsonl").read_text().splitlines()]
+    assert len(sub) == 1 and sub[0]["cluster"] == "local" and sub[0]["gpus"] == 2
+    # Submitting the finished run again does nothing and says so.
+    assert main(argv) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert len((run / "submissions.jsonl").read_text().splitlines()) == 1
+
+
+def test_detection_seeds_run_and_aggregate(fakedet_env, capsys):
+    argv = ["fakedet", "--cluster", "local", "--gpus", "1", "--seeds", "2", "--wait", "--name", "exp",
+            "--config-file", str(fakedet_env), "SOLVER.MAX_ITER", "1"]
+    assert main(argv) == 0
+    run = fakedet_env.parent / "outputs" / "detection" / "exp"
+    for k in (0, 1):
+        seen = json.loads((run / f"seed{k}" / "opts.json").read_text())
+        assert seen["opts"] == ["SOLVER.MAX_ITER", "1", "SEED", str(k)]
+        # both seeds run at once on this machine: each gets its share of the cores, not all of them
+        assert seen["torch_threads"] <= max(1, (os.cpu_count() or 1) // 2)
+    summary = json.loads((run / "results.json").read_text())
+    assert summary["n_seeds"] == 2 and summary["mean"]["bbox"]["AP"] == pytest.approx(10.5)
+    assert "Detection: exp" in capsys.readouterr().out  # the aggregated table is printed
+    assert main(argv) == 0  # every seed complete: nothing is submitted again
+    assert "all 2 seed folders are COMPLETE" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "method")
+                                           .glob("*.yaml") if p.stem != "intl"))
+def test_every_registered_method_trains_through_submit_on_two_processes(method, tiny_synthetic, tmp_path, monkeypatch,
+                                                                        capsys):
+    """Issue 9: `submit pretrain method=<name> --cluster local` for each method beside INTL (INTL: above)."""
+    import math
+
+    from common.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
+    argv = ["pretrain", "--gpus", "2", "--cluster", "local", "--wait", "--name", method, f"method={method}",
+            *stage_fixtures.tiny_pretrain_overrides(tiny_synthetic / "classification", steps=2, ckpt_every=2)]
+    assert main(argv) == 0
+    run = tmp_path / "outputs" / "pretrain" / method
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["step"] == 2 and ckpt["config"]["method"]["name"] == method
+    summary = json.loads((run / "COMPLETE").read_text())
+    assert math.isfinite(summary["final_loss"]) and summary["world_size"] == 2
