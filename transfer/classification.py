@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fvcore.common.param_scheduler import CosineParamScheduler, MultiStepParamScheduler
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
@@ -57,74 +57,98 @@ class FrozenBackboneError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ schema
+# The keys and types of each evaluation's config. The values live in one place, the YAML under configs/
+# (linear.yaml, semi.yaml, knn.yaml and the eval/ groups); a config that leaves a key unset is refused.
 @dataclass
 class ModelSchema:
-    arch: Optional[str] = None        # null: from the checkpoint; required when weights is null
-    small_stem: Optional[bool] = None  # null: from the checkpoint (False for random init)
+    arch: Optional[str] = MISSING  # null: from the checkpoint; required when weights is null
+    small_stem: Optional[bool] = MISSING  # null: from the checkpoint (False for random init)
 
 
 @dataclass
 class DataSchema:
-    root: str = "data/imagenet"       # dataset root (ImageNet: holds train/ and val/)
-    train_dir: str = "${data.root}/train"  # ImageFolder of the training images (<class>/<image>)
-    val_dir: str = "${data.root}/val"      # ImageFolder of the validation images
-    workers: int = 8                  # DataLoader workers per process
-    train_crop: int = 224             # RandomResizedCrop size (training)
-    min_scale: float = 0.08           # RandomResizedCrop scale lower bound
-    val_resize: int = 256             # evaluation: resize the shorter side, then centre-crop
-    val_crop: int = 224
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    root: str = MISSING  # dataset root (ImageNet: holds train/ and val/)
+    train_dir: str = MISSING  # ImageFolder of the training images (<class>/<image>)
+    val_dir: str = MISSING  # ImageFolder of the validation images
+    workers: int = MISSING  # DataLoader workers per process
+    train_crop: int = MISSING  # RandomResizedCrop size (training)
+    min_scale: float = MISSING  # RandomResizedCrop scale lower bound
+    val_resize: int = MISSING  # evaluation: resize the shorter side, then centre-crop
+    val_crop: int = MISSING
+    mean: List[float] = MISSING
+    std: List[float] = MISSING
 
 
 @dataclass
 class OptimSchema:
-    epochs: int = 100
-    batch_size: int = 256             # GLOBAL batch; per process = batch_size / world size
-    base_lr: float = 0.2              # classifier lr = base_lr * batch_size / 256
-    backbone_base_lr: float = 0.0     # semi-supervised: backbone lr = this * batch_size / 256
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "step"            # step (x gamma at milestones, in epochs) | cosine (to 0)
-    milestones: List[int] = field(default_factory=lambda: [60, 80])
-    gamma: float = 0.1
+    epochs: int = MISSING
+    batch_size: int = MISSING  # GLOBAL batch; per process = batch_size / world size
+    base_lr: float = MISSING  # classifier lr = base_lr * batch_size / 256
+    momentum: float = MISSING
+    weight_decay: float = MISSING
+    schedule: str = MISSING  # step (x gamma at milestones, in epochs) | cosine (to 0)
+    milestones: List[int] = MISSING
+    gamma: float = MISSING
+
+
+@dataclass
+class SemiOptimSchema(OptimSchema):
+    backbone_base_lr: float = MISSING  # backbone lr = this * batch_size / 256
 
 
 @dataclass
 class TrainSchema:
-    log_every: int = 50               # steps between progress lines / metric rows
-    eval_every: int = 1               # epochs between validation passes (the last epoch always)
-    max_steps_per_epoch: Optional[int] = None  # cut epochs short (quick runs, tests)
+    log_every: int = MISSING  # steps between progress lines / metric rows
+    eval_every: int = MISSING  # epochs between validation passes (the last epoch always)
+    max_steps_per_epoch: Optional[int] = MISSING  # cut epochs short (quick runs, tests)
 
 
 @dataclass
 class SubsetSchema:
-    list: Optional[str] = None        # SimCLR-format list file (<wnid>_<id>.JPEG per line)
-    percent: Optional[float] = None   # no list: draw a class-balanced subset of this percentage from seed
+    list: Optional[str] = MISSING  # SimCLR-format list file (<wnid>_<id>.JPEG per line)
+    percent: Optional[float] = MISSING  # no list: draw a class-balanced subset of this percentage from seed
 
 
 @dataclass
 class KnnSchema:
-    k: int = 5                        # plain majority vote (the paper's tables)
-    weighted_k: int = 20              # temperature-weighted vote (InstDisc / DINO); 0 to skip
-    temperature: float = 0.07
-    batch_size: int = 256             # GLOBAL batch for feature extraction
+    k: int = MISSING  # plain majority vote (the paper's tables)
+    weighted_k: int = MISSING  # temperature-weighted vote (InstDisc / DINO); 0 to skip
+    temperature: float = MISSING
+    batch_size: int = MISSING  # GLOBAL batch for feature extraction
 
 
 @dataclass
 class EvalSchema:
-    name: str = "eval"
-    run_dir: str = "outputs/eval/${name}"
-    seed: int = 0
+    """What the three evaluations share."""
+    name: str = MISSING
+    run_dir: str = MISSING
+    seed: int = MISSING
     # pretraining last.pth / torchvision .pth / official INTL / MoCo; null = random init
-    weights: Optional[str] = None
-    encoder: str = "online"           # online | momentum (the EMA encoder of an EMA-pretrained model)
+    weights: Optional[str] = MISSING
+    encoder: str = MISSING  # online | momentum (the EMA encoder of an EMA-pretrained model)
     model: ModelSchema = field(default_factory=ModelSchema)
     data: DataSchema = field(default_factory=DataSchema)
+
+
+@dataclass
+class LinearSchema(EvalSchema):
     optim: OptimSchema = field(default_factory=OptimSchema)
     train: TrainSchema = field(default_factory=TrainSchema)
+
+
+@dataclass
+class SemiSchema(EvalSchema):
+    optim: SemiOptimSchema = field(default_factory=SemiOptimSchema)
+    train: TrainSchema = field(default_factory=TrainSchema)
     subset: SubsetSchema = field(default_factory=SubsetSchema)
+
+
+@dataclass
+class KnnStageSchema(EvalSchema):
     knn: KnnSchema = field(default_factory=KnnSchema)
+
+
+SCHEMAS = {"linear": LinearSchema, "semi": SemiSchema, "knn": KnnStageSchema}
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -133,23 +157,31 @@ def _check(ok: bool, msg: str) -> None:
 
 
 def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths: bool = True) -> DictConfig:
-    """The config merged onto ``EvalSchema`` (unknown keys and wrong types rejected), resolved and checked."""
-    merged = merge_onto_schema(cfg, EvalSchema, stage, EvalConfigError)
-    m, d, o, t = merged.model, merged.data, merged.optim, merged.train
+    """The config merged onto the stage's schema (``SCHEMAS``: unknown keys, unset keys and wrong types
+    rejected), resolved and checked."""
+    if stage not in SCHEMAS:
+        raise EvalConfigError(f"unknown evaluation stage {stage!r}; choose one of {sorted(SCHEMAS)}")
+    merged = merge_onto_schema(cfg, SCHEMAS[stage], stage, EvalConfigError)
+    unset = sorted(OmegaConf.missing_keys(merged))
+    _check(not unset, f"the {stage} config leaves {unset} without a value; fix: compose it from "
+                      f"configs/{stage}.yaml (python -m transfer.{stage} / submit {stage} / "
+                      "common.config.compose_config) or set them")
+    m, d = merged.model, merged.data
     _check(merged.encoder in ENCODERS, f"encoder={merged.encoder!r}; choose one of {list(ENCODERS)}")
     _check(m.arch is None or m.arch in FEATURE_DIMS,
            f"model.arch={m.arch!r} is unknown; choose one of {sorted(FEATURE_DIMS)}")
     _check(merged.weights is not None or m.arch is not None,
            "weights=null (random initialisation) needs model.arch; fix: pass weights=<checkpoint> or "
            "model.arch=resnet50 (and model.small_stem=true for 32-px images)")
-    batch = merged.knn.batch_size if stage == "knn" else o.batch_size
+    batch = merged.knn.batch_size if stage == "knn" else merged.optim.batch_size
     what = "knn.batch_size" if stage == "knn" else "optim.batch_size"
     _check(batch >= 1 and batch % world_size == 0,
            f"{what}={batch} (the GLOBAL batch) is not a positive multiple of the {world_size} processes; "
            f"fix: a multiple of {world_size}, e.g. {max(world_size, batch // world_size * world_size)}")
     if stage != "knn":
+        o, t = merged.optim, merged.train
         _check(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
-        _check(o.base_lr > 0 and o.backbone_base_lr >= 0 and o.momentum >= 0 and o.weight_decay >= 0,
+        _check(o.base_lr > 0 and o.get("backbone_base_lr", 0) >= 0 and o.momentum >= 0 and o.weight_decay >= 0,
                "optim.base_lr must be > 0; optim.backbone_base_lr, momentum, weight_decay >= 0")
         _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}; choose one of {list(SCHEDULES)}")
         _check(list(o.milestones) == sorted(o.milestones) and all(0 < x for x in o.milestones),
@@ -163,8 +195,8 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
     _check(d.workers >= 0 and d.train_crop > 0 and d.val_crop > 0 and d.val_resize >= d.val_crop,
            "data.workers >= 0, data.train_crop/val_crop > 0 and data.val_resize >= data.val_crop are required")
     _check(0 < d.min_scale <= 1, f"data.min_scale must be in (0, 1], got {d.min_scale}")
-    s = merged.subset
     if stage == "semi":
+        s = merged.subset
         _check((s.list is None) != (s.percent is None),
                "semi-supervised needs exactly one of subset.list (a SimCLR list file, e.g. 10percent.txt) "
                "and subset.percent (a class-balanced subset drawn from seed); got "
@@ -182,7 +214,8 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
             _check(Path(merged.weights).is_file(), f"weights={merged.weights!r} is not a file; fix: pass a pretraining "
                                                    "last.pth, a converted torchvision .pth, or weights=null for "
                                                    "random init")
-        if stage == "semi" and s.list is not None:
+        if stage == "semi" and merged.subset.list is not None:
+            s = merged.subset
             _check(Path(s.list).is_file(), f"subset.list={s.list!r} is not a file; fix: pass a SimCLR list file "
                                            "(e.g. imagenet_subsets/10percent.txt) or use subset.percent=10")
     return merged
