@@ -23,12 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demo_report import write_report  # noqa: E402  (tools/, the script's folder)
 
+from common.config import config_dir  # noqa: E402
 from common.runlog import is_complete, read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 INITS = ("pretrained", "random")
-DETECTION_CONFIG = str(ROOT / "configs" / "detection" / "synthetic_R_50_C4.yaml")
+DETECTION_CONFIG = str(config_dir() / "detection" / "synthetic_R_50_C4.yaml")
 
 # Two pretrainings of the same preset (INTL on the embedded set, 32-px views): a ResNet-18 for the
 # classification stages and a ResNet-50 for detection (R50-C4 needs detectron2's bottleneck ResNet).
