@@ -3,5 +3,5 @@ metrics log, distributed set-up and collectives, config location and composition
 the ResNet builder, the checkpoint format and reader, the robust ImageFolder, the embedded datasets.
 
 Imported by ``pretrain``, ``transfer``, ``slurm``, ``toylab``, ``benchmarks`` and ``tools``; imports none of
-them (tests/test_layout.py reads the import graph and fails otherwise).
+them (tests/project/test_import_graph.py reads the import graph and fails otherwise).
 """

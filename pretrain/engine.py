@@ -173,7 +173,7 @@ class PretrainEngine:
         self.steps_per_epoch = self.sampler.per_rank // self.local_batch
         if self.steps_per_epoch < 1:
             raise ConfigError(f"the training set has {len(self.dataset)} images, fewer than one global batch of "
-                             f"{self.global_batch}; fix: a smaller optim.batch_size or a larger data set")
+                              f"{self.global_batch}; fix: a smaller optim.batch_size or a larger data set")
         self.loader = build_loader(self.dataset, self.sampler, self.local_batch, int(cfg.data.workers),
                                    pin_memory=self.device.type == "cuda")
         self.total_steps = int(cfg.optim.epochs) * self.steps_per_epoch
@@ -191,7 +191,7 @@ class PretrainEngine:
         self.objective = build_method(cfg.method, global_batch=self.global_batch, world_size=world)
         if self.num_views < 2:
             raise ConfigError(f"data.augment gives {self.num_views} view(s); every method needs at least 2 "
-                             "(fix: data.augment.views with two or more entries)")
+                              "(fix: data.augment.views with two or more entries)")
         self.target = make_momentum_copy(self.net) if self.objective.uses_ema else None
         if world > 1:
             self.model: nn.Module = nn.parallel.DistributedDataParallel(
@@ -287,8 +287,7 @@ class PretrainEngine:
         rows = runlog.read_metrics(self.run_dir)
         keep = [r for r in rows if r.get("step", 0) <= step]
         if len(keep) != len(rows):
-            atomic_write_text(self.run_dir / "metrics.jsonl",
-                                     "".join(json.dumps(r) + "\n" for r in keep))
+            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:

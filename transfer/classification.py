@@ -43,7 +43,6 @@ from common.schedule import StepSchedule
 log = logging.getLogger("transfer")
 
 CLASSIFIER_FORMAT = "intl-classifier"
-CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 ENCODERS = ("online", "momentum")
 SCHEDULES = ("step", "cosine")
 
@@ -181,8 +180,8 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
     if stage != "knn":
         o, t = merged.optim, merged.train
         _check(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
-        _check(o.base_lr > 0 and o.get("backbone_base_lr", 0) >= 0 and o.momentum >= 0 and o.weight_decay >= 0,
-               "optim.base_lr must be > 0; optim.backbone_base_lr, momentum, weight_decay >= 0")
+        _check(o.base_lr > 0 and o.momentum >= 0 and o.weight_decay >= 0,
+               "optim.base_lr must be > 0; optim.momentum, weight_decay >= 0")
         _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}; choose one of {list(SCHEDULES)}")
         _check(list(o.milestones) == sorted(o.milestones) and all(0 < x for x in o.milestones),
                f"optim.milestones={list(o.milestones)} must be increasing positive epochs")
@@ -196,6 +195,8 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
            "data.workers >= 0, data.train_crop/val_crop > 0 and data.val_resize >= data.val_crop are required")
     _check(0 < d.min_scale <= 1, f"data.min_scale must be in (0, 1], got {d.min_scale}")
     if stage == "semi":
+        _check(merged.optim.backbone_base_lr >= 0,
+               f"optim.backbone_base_lr must be >= 0, got {merged.optim.backbone_base_lr}")
         s = merged.subset
         _check((s.list is None) != (s.percent is None),
                "semi-supervised needs exactly one of subset.list (a SimCLR list file, e.g. 10percent.txt) "
