@@ -19,7 +19,7 @@ How it is fast without changing what is sampled (measured by ``python -m benchma
   ``cvtColor`` for grayscale and the HSV hue rotation, ``addWeighted``, ``GaussianBlur``) instead of
   PIL's HSV round trip, the costliest step of the reference (3 ms per 224-px view);
 - uint8 -> normalised float32 plane by plane (contiguous) in one pass.
-``tests/test_augment.py`` checks each op against torchvision's PIL op with the same parameters, the
+``tests/pretrain/test_augment.py`` checks each op against torchvision's PIL op with the same parameters, the
 output statistics against the reference pipeline, and the sampled parameters against the spec.
 Run it in DataLoader workers (one thread each, as torch sets them): in a process with several torch
 threads, small resizes pay thread wake-ups, which is slow on a loaded machine.

@@ -23,7 +23,7 @@ Distributed semantics
     the one-process loss on the concatenated batch. gather_with_grad's backward SUMS the gradients of the
     W identical rank losses, so each rank's local input receives W times its slice of the one-process
     gradient; DDP's 1/W gradient averaging then yields exactly the one-process parameter gradient
-    (tests/test_methods.py checks this with 2 gloo processes).
+    (tests/pretrain/test_methods.py checks this with 2 gloo processes).
 """
 
 from __future__ import annotations

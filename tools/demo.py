@@ -49,7 +49,7 @@ PROFILES = {
         "semi": [],
         "detection": [],
     },
-    # The end-to-end test of the demo (tests/test_demo.py): the same chain with every stage cut to a few steps.
+    # The end-to-end test of the demo (tests/e2e/test_demo.py): the same chain with every stage cut to a few steps.
     "tiny": {
         "data": ["--cls-size", "32", "--cls-train-per-class", "12", "--cls-val-per-class", "4", "--det-size", "96",
                  "--det-train-images", "8", "--det-val-images", "4"],
