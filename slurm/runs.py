@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.atomic import atomic_write_text
+from common.checkpoint import LAST_NAME
 from common.runlog import is_complete
 
 from .errors import SubmitError
@@ -29,6 +30,13 @@ SUBMISSIONS = "submissions.jsonl"
 NEW = "new"
 RESUME = "resume"
 COMPLETE = "complete"
+DETECTRON2_LAST = "last_checkpoint"  # detectron2's pointer to its newest checkpoint, in each seed<k>/
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether the stage in ``run_dir`` has a checkpoint to resume: ``last.pth`` (pretrain, linear, semi)
+    or detectron2's ``seed<k>/last_checkpoint``."""
+    return (run_dir / LAST_NAME).is_file() or any(run_dir.glob(f"seed*/{DETECTRON2_LAST}"))
 
 
 @dataclass(frozen=True)
@@ -40,8 +48,12 @@ class RunState:
     def describe(self) -> str:
         if self.state == NEW:
             return f"new run in {self.run_dir}"
-        if self.state == RESUME:
+        if self.state == RESUME and has_checkpoint(self.run_dir):
             return (f"run folder {self.run_dir} exists: resuming that run from its last checkpoint "
+                    "(pass --new to start a fresh run under another name)")
+        if self.state == RESUME:
+            return (f"run folder {self.run_dir} exists but holds no checkpoint (an earlier attempt stopped before "
+                    "writing one): the run starts from the beginning in that folder "
                     "(pass --new to start a fresh run under another name)")
         why = self.why_complete or f"{self.run_dir / 'COMPLETE'} exists"
         return (f"run {self.run_dir} is already complete ({why}); nothing to do "

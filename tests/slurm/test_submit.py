@@ -274,3 +274,13 @@ def test_real_detection_stage_checks_the_batch_against_the_world_size_before_que
     assert main(argv) == 0
 
 
+
+
+def test_folder_without_a_checkpoint_is_not_said_to_resume_from_one(counter_env, capsys):
+    run = counter_env / "outputs" / "counter" / "counter"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("name: counter\n")  # an attempt that failed before its first checkpoint
+    assert main(["counter", "--cluster", "local", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "holds no checkpoint" in out and "starts from the beginning" in out
+    assert "from its last checkpoint" not in out
