@@ -8,6 +8,7 @@ ones (text, JSON, torch, pickle, PNG).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import pickle
@@ -24,6 +25,25 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def _temporary_affixes(path: Path) -> tuple[str, str]:
+    """The prefix and suffix of ``atomic_path``'s temporary names for ``path`` (``.last.<random>.tmp.pth``)."""
+    return f".{path.stem}.", f".tmp{path.suffix}"
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Deletes the temporaries of ``path`` that interrupted ``atomic_path`` writes left; returns them.
+
+    Call it only when no write of ``path`` is under way (a run's start and end): a kill during a write
+    leaves its temporary file behind, and a checkpoint's can be gigabytes.
+    """
+    path = Path(path)
+    prefix, suffix = _temporary_affixes(path)
+    stale = sorted(path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; on success it is fsynced and renamed to ``path``.
@@ -34,7 +54,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    prefix, suffix = _temporary_affixes(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

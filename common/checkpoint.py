@@ -39,11 +39,27 @@ class CheckpointError(UserError, RuntimeError):
     """A file that is not a usable checkpoint; the message names the problem and the fix."""
 
 
+def nonfinite_tensors(state_dict: dict | None) -> list[str]:
+    """The keys of the floating-point tensors of ``state_dict`` that hold a NaN or an inf."""
+    return [k for k, v in (state_dict or {}).items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Saves a pretraining checkpoint dict (adds format/version) atomically."""
+    """Saves a pretraining checkpoint dict (adds format/version) atomically.
+
+    Refuses (CheckpointError, the previous file kept) a state whose model or EMA model holds NaN/inf:
+    conversion and evaluation would refuse it anyway, and it would replace the last good checkpoint.
+    """
     missing = [k for k in ("model", "epoch", "step", "config") if k not in state]
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}")
+    bad = [f"{part}.{k}" for part in ("model", "ema_model") for k in nonfinite_tensors(state.get(part))]
+    if bad:
+        raise CheckpointError(
+            f"not writing {path} at step {state['step']}: {len(bad)} tensor(s) hold NaN/inf ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); the previous checkpoint (if any) is kept. Fix: the training "
+            "diverged: lower optim.base_lr (or method.beta), or train.amp=bf16 or off, and resume or start over")
     return atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, path)
 
 

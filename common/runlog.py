@@ -19,8 +19,14 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from common.atomic import atomic_write_text, jsonable
+from common.errors import UserError
 
 COMPLETE_MARKER = "COMPLETE"
+METRICS_NAME = "metrics.jsonl"
+
+
+class MetricsFileError(UserError, ValueError):
+    """A ``metrics.jsonl`` line that is not JSON (other than a torn last line, which is dropped)."""
 
 
 def save_config(run_dir: str | os.PathLike, cfg: Any) -> Path:
@@ -47,19 +53,24 @@ def previous_results(run_dir: str | os.PathLike) -> dict:
 
 
 class MetricsLogger:
-    """Appends metrics to ``metrics.jsonl`` and TensorBoard; a no-op when ``enabled`` is False."""
+    """Appends metrics to ``metrics.jsonl`` and TensorBoard; a no-op when ``enabled`` is False.
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+    ``purge_step``: a resumed run logs again from this step; TensorBoard hides the events the earlier
+    attempt wrote at this step and later (``SummaryWriter(purge_step=...)``), so no step appears twice.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
+                 purge_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._tb = None
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+            self._file = open(self.run_dir / METRICS_NAME, "a", buffering=1)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
 
     def log(self, step: int, prefix: str = "", **metrics: Any) -> None:
         if not self.enabled:
@@ -80,7 +91,22 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    """The rows of ``<run_dir>/metrics.jsonl``. A last line without its newline that is not JSON is what a
+    kill during a write leaves: it is dropped. Any other line that is not JSON raises MetricsFileError."""
+    path = Path(run_dir) / METRICS_NAME
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.split("\n")  # the last item is "" when the file ends with a newline, else the torn row
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # no newline after it: a partial row
+                break
+            raise MetricsFileError(f"{path} line {number} is not JSON ({e}); fix: delete that line (or the file, "
+                                   "losing the run's metric history)") from None
+    return rows

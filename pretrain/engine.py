@@ -9,11 +9,15 @@ and trains to the end of the schedule:
   objective all-gathers the projections so IterNorm whitens the global batch.
 - Mixed precision on GPU (bf16, or fp16 with a grad scaler); the objective computes whitening and losses
   in float32. A non-finite loss is caught before any weight changes: the step, the loss parts and the
-  spectrum are reported, and the run stops (``train.on_nonfinite=stop``) or skips the batch (``skip``).
-- Checkpoints (DESIGN.md format, atomic) every ``train.ckpt_every_steps`` steps and at every epoch end;
-  the resumed run continues the same trajectory: the data order and every augmentation are functions of
-  ``(seed, epoch, index)`` (``pretrain.data_loading``), and the steps already done in the epoch are skipped.
-- Metrics every ``train.log_every`` steps to ``metrics.jsonl`` and TensorBoard, with a progress line and
+  spectrum are reported, and the run stops (``train.on_nonfinite=stop``) or skips the batch (``skip``);
+  a skipped batch also puts back the batch-norm statistics its forward moved (online and EMA).
+- Checkpoints (DESIGN.md format, atomic, never with a NaN/inf tensor) every ``train.ckpt_every_steps``
+  steps and at every epoch end; temporaries left by killed writes are removed at start and end.
+  The resumed run continues the same trajectory: the data order and every augmentation are functions of
+  ``(seed, epoch, index)`` (``pretrain.data_loading``), and the steps already done in the epoch are skipped;
+  a resume with another total of steps (``optim.epochs``, ``train.max_steps``) is refused.
+- Metrics every ``train.log_every`` steps to ``metrics.jsonl`` and TensorBoard (a resume drops the rows
+  and TensorBoard events of the steps it repeats, and a torn last line), with a progress line and
   ETA; the spectrum of the embedding covariance every ``train.spectrum_every`` steps; ``spectrum.png``
   and ``loss.png`` at the end.
 """
@@ -35,7 +39,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from common import runlog
-from common.atomic import atomic_write_text, write_json
+from common.atomic import atomic_write_text, remove_stale_temporaries, write_json
 from common.checkpoint import LAST_NAME, load_checkpoint, save_checkpoint
 from common.distributed import DistInfo, all_reduce_mean, barrier, gather_with_grad
 from common.errors import ConfigError, UserError
@@ -111,12 +115,22 @@ class StepOutput:
 def train_step(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer,
                views: Sequence[torch.Tensor], target_model: nn.Module | None = None,
                scaler: Any = None, amp_dtype: torch.dtype | None = None) -> StepOutput:
-    """Forward, loss, and (only when the loss is finite on every rank) backward + optimiser step."""
+    """Forward, loss, and (only when the loss is finite on every rank) backward + optimiser step.
+
+    The forward runs in training mode and so updates the batch-norm running statistics (online and
+    target); a skipped step puts them back, so it leaves every parameter and buffer exactly as before.
+    """
+    buffers = [b for m in (model, target_model) if m is not None for b in m.buffers()]
+    saved = [b.clone() for b in buffers]
     out, online = forward_loss(model, objective, views, target_model, amp_dtype)
     loss = out["loss"]
     finite = all_ranks_finite(loss)
     optimizer.zero_grad(set_to_none=True)
-    if finite:
+    if not finite:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+    else:
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -257,6 +271,7 @@ class PretrainEngine:
             return False
         ckpt = load_checkpoint(self.ckpt_path, map_location="cpu")
         self._check_resumable(ckpt.get("config") or {})
+        self._check_same_schedule(ckpt)
         self.net.load_state_dict(ckpt["model"])
         if self.target is not None:
             if ckpt.get("ema_model") is None:
@@ -277,25 +292,51 @@ class PretrainEngine:
             log.warning("steps per epoch changed from %s to %s (other world size or data set): epoch boundaries "
                         "and the data order after step %d differ from the original run",
                         ckpt["steps_per_epoch"], self.steps_per_epoch, self.step)
-        if self.info.is_main:
-            self._truncate_metrics(self.step)
         log.info("resuming from step %d (epoch %d) of %s", self.step, self.step // self.steps_per_epoch, self.ckpt_path)
         return True
 
+    def _check_same_schedule(self, ckpt: dict) -> None:
+        """The cosine lr and EMA schedules are functions of the total steps: a resume may not change it."""
+        saved = ckpt.get("total_steps")
+        if saved is None or int(saved) == self.total_steps:
+            return
+        old = ckpt.get("config") or {}
+        old_epochs, old_max = (old.get("optim") or {}).get("epochs"), (old.get("train") or {}).get("max_steps")
+        raise ResumeError(
+            f"{self.ckpt_path} (step {ckpt['step']}) belongs to a schedule of {saved} steps "
+            f"(optim.epochs={old_epochs}, train.max_steps={old_max}, {ckpt.get('steps_per_epoch')} steps per epoch); "
+            "this config gives "
+            f"{self.total_steps} (optim.epochs={self.cfg.optim.epochs}, train.max_steps={self.cfg.train.max_steps}, "
+            f"{self.steps_per_epoch} per epoch). The learning-rate and EMA-momentum cosines depend on the total, so "
+            "resuming would silently change them; fix: resume with the old values, or start a new run folder "
+            "(another name=, or submit --new) for the new schedule")
+
     def _truncate_metrics(self, step: int) -> None:
-        """Drops metric rows written after the checkpoint (steps that the resumed run repeats)."""
-        rows = runlog.read_metrics(self.run_dir)
-        keep = [r for r in rows if r.get("step", 0) <= step]
-        if len(keep) != len(rows):
-            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
+        """Drops metric rows after ``step`` (the steps this run repeats) and a torn last line (a kill mid-write)."""
+        path = self.run_dir / runlog.METRICS_NAME
+        if not path.exists():
+            return
+        keep = [r for r in runlog.read_metrics(self.run_dir) if r.get("step", 0) <= step]
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        if path.read_text() != text:
+            atomic_write_text(path, text)
+
+    def _remove_stale_temporaries(self) -> None:
+        stale = remove_stale_temporaries(self.ckpt_path)
+        if stale:
+            log.info("removed %d temporary checkpoint file(s) left by interrupted writes: %s", len(stale),
+                     ", ".join(p.name for p in stale))
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:
         cfg = self.cfg
+        if self.info.is_main:
+            self._remove_stale_temporaries()
         resumed = self.resume()
         if self.info.is_main:
+            self._truncate_metrics(self.step)  # also rows of an earlier attempt that stopped before a checkpoint
             runlog.save_config(self.run_dir, cfg)
-        self.logger = runlog.MetricsLogger(self.run_dir, enabled=self.info.is_main)
+        self.logger = runlog.MetricsLogger(self.run_dir, enabled=self.info.is_main, purge_step=self.step + 1)
         if not resumed:
             log.info("starting a new run in %s", self.run_dir)
         log.info("world size %d, global batch %d (%d per process), lr %.4g (= %.4g x %d / 256), %d views, "
@@ -400,13 +441,23 @@ class PretrainEngine:
                f"{self.run_dir / f'nonfinite_step{step}.json'}")
         if mode == "skip" and consecutive <= MAX_CONSECUTIVE_SKIPS:
             self.nonfinite_skips += 1
-            log.warning("%s; batch skipped (train.on_nonfinite=skip), no weight was changed", msg)
+            log.warning("%s; batch skipped (train.on_nonfinite=skip), no weight or batch-norm statistic was changed",
+                        msg)
             return
-        why = (f"{consecutive} consecutive non-finite losses" if mode == "skip" else "train.on_nonfinite=stop")
-        raise NonFiniteLossError(
-            f"{msg}. Stopped ({why}) before updating any weight; the last checkpoint {self.ckpt_path} "
-            f"(step {report['last_checkpoint_step']}) is intact. Fix: lower optim.base_lr, train.amp=bf16 or off, "
-            "or train.on_nonfinite=skip to skip such batches")
+        ckpt_step = report["last_checkpoint_step"]
+        if ckpt_step is not None:
+            kept = f"the last checkpoint {self.ckpt_path} (step {ckpt_step}) is intact"
+        elif self.ckpt_path.exists():
+            kept = f"the checkpoint {self.ckpt_path} could not be read"
+        else:
+            kept = f"no checkpoint was written yet ({self.ckpt_path} does not exist)"
+        if mode == "skip":
+            why = f"{consecutive} consecutive non-finite losses with train.on_nonfinite=skip: the run has diverged"
+            fix = "lower optim.base_lr (or method.beta), or train.amp=bf16 or off"
+        else:
+            why = "train.on_nonfinite=stop"
+            fix = "lower optim.base_lr, train.amp=bf16 or off, or train.on_nonfinite=skip to skip such batches"
+        raise NonFiniteLossError(f"{msg}. Stopped ({why}) before updating any weight; {kept}. Fix: {fix}")
 
     def _ckpt_step(self) -> int | None:
         if not self.ckpt_path.exists():
@@ -421,6 +472,7 @@ class PretrainEngine:
         self.save(finished=True)
         summary = None
         if self.info.is_main:
+            self._remove_stale_temporaries()
             rows = runlog.read_metrics(self.run_dir)
             plot_spectrum(rows, self.run_dir / "spectrum.png")
             plot_loss(rows, self.run_dir / "loss.png")
