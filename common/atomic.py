@@ -8,6 +8,7 @@ ones (text, JSON, torch, pickle, PNG).
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -17,6 +18,59 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from common.errors import UserError
+
+
+class WriteError(UserError, OSError):
+    """A file could not be written (full disk, read-only or unwritable folder, a folder in the way); the
+    message names the path and the fix. The temporary file is gone and the previous file is untouched."""
+
+
+_NO_SPACE = "free space on that disk, or choose a folder on another disk"
+_NOT_WRITABLE = "choose a writable folder (or make this one writable)"
+_WRITE_FIXES = {
+    errno.ENOSPC: ("no space left on the device", _NO_SPACE),
+    errno.EDQUOT: ("disk quota exceeded", _NO_SPACE),
+    errno.EROFS: ("the folder is on a read-only file system", _NOT_WRITABLE),
+    errno.EACCES: ("permission denied", _NOT_WRITABLE),
+    errno.EPERM: ("operation not permitted", _NOT_WRITABLE),
+    errno.EISDIR: ("a folder of that name is in the way", "name a file path, not a folder"),
+    errno.ENOTDIR: ("a file is in the way of its folder", "choose another folder, or move that file away"),
+    errno.EEXIST: ("a file is in the way of its folder", "choose another folder, or move that file away"),
+}
+# What torch.save's zip writer raises (a RuntimeError) when the disk fills up under it.
+_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed")
+
+
+@contextlib.contextmanager
+def write_errors_named(path: str | os.PathLike) -> Iterator[None]:
+    """Turns the OS / torch errors of writing ``path`` that the user can fix into a ``WriteError``."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        if e.errno not in _WRITE_FIXES:
+            raise
+        problem, fix = _WRITE_FIXES[e.errno]
+        raise WriteError(f"cannot write {path}: {problem} ({e}); fix: {fix}") from e
+    except RuntimeError as e:
+        if not any(s in str(e) for s in _TORCH_WRITE_FAILURES):
+            raise
+        raise WriteError(f"cannot write {path}: torch's file writer failed ({str(e).splitlines()[0]}), "
+                         f"which means the disk is full or failing; fix: {_NO_SPACE}") from e
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Creates ``folder`` and a temporary file in it (removed at once): a ``WriteError`` at the start of a
+    run rather than at its first checkpoint."""
+    folder = Path(folder)
+    with write_errors_named(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    return folder
 
 
 def _default_mode() -> int:
@@ -46,6 +100,13 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """``_atomic_path`` with a full disk, a read-only folder, ... raised as a ``WriteError`` naming ``path``."""
+    with write_errors_named(path), _atomic_path(path) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; on success it is fsynced and renamed to ``path``.
 
     An exception inside the block removes the temporary file and leaves ``path`` as it was. The temporary

@@ -2,8 +2,9 @@
 
 ``begin(cfg, validate, log)``: console logging, the process group from the launcher's environment, the
 config checked against the stage's schema, the CPU cores shared between the processes of one job, and
-the results of a run that is already complete. ``hydra_main(stage, run)``: ``python -m <module>
-key=value ...``; a ``UserError`` prints one line and exits 2, anything else keeps its traceback.
+the results of a run that is already complete, else the run folder checked writable (rank 0).
+``hydra_main(stage, run)``: ``python -m <module> key=value ...``; an unwritable run folder (checked before
+Hydra writes into it) or a ``UserError`` prints one line and exits 2, anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
-from common.atomic import jsonable
-from common.config import config_dir
+from common.atomic import check_writable, jsonable
+from common.config import compose_config, config_dir
 from common.distributed import DistInfo, cpu_threads_per_process, init_distributed
-from common.errors import UserError
+from common.errors import ConfigError, UserError
 from common.runlog import is_complete, previous_results
 
 
@@ -61,12 +62,36 @@ def begin(cfg: Any, validate: Callable[..., DictConfig], log: logging.Logger) ->
         done = {**previous_results(run_dir), "already_complete": True}
         headline = f"top-1 {done['top1']}" if "top1" in done else f"step {done.get('steps')}"
         log.info("run %s is already complete (%s); nothing to do", run_dir, headline)
+    elif info.is_main:
+        check_writable(run_dir)  # a read-only run folder fails now, not at the first checkpoint
     return Start(cfg, info, run_dir, done)
+
+
+def check_run_dir_before_hydra(stage: str, argv: list[str]) -> None:
+    """Hydra creates ``hydra.run.dir`` (= ``run_dir``) and writes its logs there before ``run`` starts, and
+    reports a folder it cannot write as a traceback; this checks it first: a ``WriteError`` (a UserError).
+
+    Only for plain ``key=value`` arguments (Hydra's own flags and ``hydra.*`` settings are Hydra's to report).
+    """
+    if any(a.startswith("-") or "=" not in a or a.lstrip("+~").startswith("hydra.") for a in argv):
+        return
+    try:
+        run_dir = Path(compose_config(stage, argv).run_dir)
+    except ConfigError:
+        return  # Hydra's main reports overrides that do not compose, in its own words
+    if not is_complete(run_dir):
+        check_writable(run_dir)
 
 
 def hydra_main(stage: str, run: Callable[[DictConfig], Any]) -> None:
     """``python -m <stage module> key=value ...`` on ``configs/<stage>.yaml``; prints the results as JSON."""
     import hydra
+
+    try:
+        check_run_dir_before_hydra(stage, sys.argv[1:])
+    except UserError as e:
+        print(f"{stage}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
     @hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")
     def main(cfg: DictConfig) -> None:

@@ -157,7 +157,10 @@ class Demo:
             for suffix in (".pth", ".pkl"):
                 target = self.weights(arch, suffix)
                 fresh = target.exists() and target.stat().st_mtime >= ckpt.stat().st_mtime
-                self.cmd("convert", [str(BIN / "intl-convert"), str(ckpt), str(target), "--check"], done=fresh)
+                # --force: a stale target is this demo's own earlier conversion (intl-convert refuses to replace a
+                # file without it, and a training checkpoint even with it)
+                self.cmd("convert", [str(BIN / "intl-convert"), str(ckpt), str(target), "--check", "--force"],
+                         done=fresh)
 
     def classification(self, stage: str, arch: str = "resnet18", key: str | None = None) -> None:
         out = {}

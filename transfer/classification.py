@@ -466,6 +466,26 @@ class FitResult:
     history: list
 
 
+_FRESH_RUN_FIX = ("delete it to restart this evaluation from epoch 0, or choose a new run folder "
+                  "(name=... or run_dir=...)")
+_CLASSIFIER_KEYS = ("model", "optimizer", "epoch", "best_top1", "history")
+
+
+def load_classifier_checkpoint(path: Path) -> dict:
+    """The resume checkpoint ``fit_classifier`` writes; a torn, foreign or incomplete file is a CheckpointError."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise CheckpointError(f"the resume checkpoint {path} could not be read ({type(e).__name__}: {e}); "
+                              f"fix: {_FRESH_RUN_FIX}") from e
+    if not isinstance(saved, dict) or saved.get("format") != CLASSIFIER_FORMAT:
+        raise CheckpointError(f"{path} is not a classifier checkpoint of this stage; fix: {_FRESH_RUN_FIX}")
+    missing = [k for k in _CLASSIFIER_KEYS if k not in saved]
+    if missing:
+        raise CheckpointError(f"the resume checkpoint {path} lacks {missing}; fix: {_FRESH_RUN_FIX}")
+    return saved
+
+
 def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_lrs: list[float],
                    train_data: DataLoader, val_data: DataLoader, cfg: DictConfig, info: DistInfo,
                    run_dir: Path, logger: MetricsLogger, set_mode: Callable[[nn.Module], None],
@@ -489,11 +509,13 @@ def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_l
     start_epoch, best, history = 0, 0.0, []
     ckpt = run_dir / "last.pth"
     if ckpt.exists():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if saved.get("format") != CLASSIFIER_FORMAT:
-            raise CheckpointError(f"{ckpt} is not a classifier checkpoint of this stage; fix: use another run_dir/name")
-        state_to_load(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        saved = load_classifier_checkpoint(ckpt)
+        try:
+            state_to_load(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{ckpt} does not fit this run's classifier ({type(e).__name__}: {e}); fix: "
+                                  f"{_FRESH_RUN_FIX}") from e
         start_epoch, best, history = int(saved["epoch"]), float(saved["best_top1"]), list(saved["history"])
         log.info("resuming %s from epoch %d/%d (%s)", run_dir, start_epoch, o.epochs, ckpt)
     step = start_epoch * steps_per_epoch

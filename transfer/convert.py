@@ -1,4 +1,4 @@
-"""`intl-convert INPUT OUTPUT [--to detectron2|torchvision] [--encoder online|momentum] [--check]`.
+"""`intl-convert INPUT OUTPUT [--to detectron2|torchvision] [--encoder online|momentum] [--check] [--force]`.
 
 Converts a backbone from any checkpoint that :mod:`common.backbone_weights` reads (this project's
 pretraining checkpoints, the official INTL ones, MoCo-style ones, plain torchvision ResNets) into
@@ -12,6 +12,10 @@ pretraining checkpoints, the official INTL ones, MoCo-style ones, plain torchvis
 The output suffix picks the format when ``--to`` is absent (``.pkl`` detectron2, ``.pth``/``.pt`` torchvision).
 The output is written to a temporary file in the target folder, verified (and with ``--check`` compared
 numerically against the torchvision model), and only then renamed into place: a failed run leaves no file.
+An existing OUTPUT is replaced only with ``--force``, and never when it is a training checkpoint (this project's
+pretraining ``last.pth``, an official INTL or a MoCo checkpoint): converting drops its heads, optimizer and
+resume state, which cannot be recovered. An OUTPUT that is a folder, or in a folder that cannot be written, is
+refused before anything is read.
 
 ``--check`` (detectron2): builds detectron2's ResNet backbone with the detection stage's own settings
 (``configs/detection/coco_R_50_C4_1x.yaml``: pixel mean/std, input format, STRIDE_IN_1X1; plus any
@@ -20,7 +24,8 @@ layer1-layer4 on a random 0-255 RGB batch, each side normalised its own way (eva
 above ``--tolerance`` (max difference relative to the largest output). Then it builds that stage's Mask
 R-CNN C4 (extra-norm ROI head) and reports which of its keys these weights leave uninitialised, using the
 stage's own rule (``transfer.detection.weights``): RPN, box/mask predictors and the extra res5 norm are
-expected to be new, any backbone key is an error. Exit status: 0 written, 1 check failed, 2 unusable input.
+expected to be new, any backbone key is an error. Exit status: 0 written, 1 check failed, 2 unusable input or
+output path.
 
 The renaming is written here rather than calling detectron2's ``tools/convert-torchvision-to-d2.py``
 because that script is not part of the installed package (and it converts every key without checking
@@ -45,7 +50,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from common.atomic import atomic_path, atomic_pickle_dump, atomic_torch_save
+from common.atomic import atomic_path, atomic_pickle_dump, atomic_torch_save, check_writable
 from common.backbone_weights import BackboneWeights, load_backbone_into, read_backbone_weights
 from common.checkpoint import CheckpointError
 from common.config import config_dir
@@ -449,15 +454,43 @@ def resolve_format(output: Path, to: str | None) -> str:
     return to
 
 
+# Checkpoints a run resumes from or a user keeps; intl-convert never replaces one (read_backbone_weights' kinds).
+TRAINING_CHECKPOINT_KINDS = ("intl-pretrain", "official-intl", "moco")
+
+
+def check_output_path(output: Path, input_path: Path, force: bool) -> None:
+    """Refuses an output that is the input, a folder, unwritable, or an existing file (without ``force``; a
+    training checkpoint even with it)."""
+    if output.exists() and input_path.exists() and output.resolve() == input_path.resolve():
+        raise ConversionError(f"the output {output} is the input; fix: choose another output path")
+    if output.is_dir():
+        raise ConversionError(f"the output {output} is a folder; fix: name a file in it, e.g. "
+                              f"{output / input_path.with_suffix(output.suffix or '.pkl').name}")
+    check_writable(output.parent)
+    if not output.exists():
+        return
+    if not force:
+        raise ConversionError(f"the output {output} exists; fix: choose another output path, or pass --force to "
+                              "replace it")
+    try:
+        kind = read_backbone_weights(output).kind
+    except UserError:
+        kind = None  # not a checkpoint read_backbone_weights knows (e.g. an earlier detectron2 .pkl): replaceable
+    if kind in TRAINING_CHECKPOINT_KINDS:
+        raise ConversionError(f"the output {output} is a training checkpoint ({_KIND_TEXT[kind]}); intl-convert never "
+                              "replaces one, even with --force (its heads, optimizer and resume state would be lost); "
+                              "fix: choose another output path")
+
+
 def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: str | None = None,
             encoder: str = "online", check: bool = False, check_opts: Sequence[str] = (),
             tolerance: float = DEFAULT_TOLERANCE, log: Callable[[str], None] = print,
-            verbose: bool = False) -> ConvertResult:
-    """Converts ``input_path`` to ``output_path``; raises ConversionError / CheckpointError, writing nothing."""
+            verbose: bool = False, force: bool = False) -> ConvertResult:
+    """Converts ``input_path`` to ``output_path``; raises ConversionError / CheckpointError / WriteError, writing
+    nothing. An existing output is replaced only with ``force`` (never a training checkpoint)."""
     input_path, output = Path(input_path), Path(output_path)
     fmt = resolve_format(output, to)
-    if output.exists() and input_path.exists() and output.resolve() == input_path.resolve():
-        raise ConversionError(f"the output {output} is the input; fix: choose another output path")
+    check_output_path(output, input_path, force)
     if len(check_opts) % 2:
         raise ConversionError(f"--check-opts must be KEY VALUE pairs, got {list(check_opts)}")
 
@@ -595,20 +628,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "put them after INPUT OUTPUT")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"--check's max difference relative to the largest output (default {DEFAULT_TOLERANCE:g})")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing OUTPUT (never a training checkpoint such as a pretraining last.pth)")
     p.add_argument("-v", "--verbose", action="store_true", help="list every renamed and skipped key")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status: 0 written, 1 --check failed, 2 unusable input or arguments (nothing written in both)."""
+    """Exit status: 0 written, 1 --check failed, 2 unusable input, output path or arguments (nothing written)."""
     args = build_parser().parse_args(argv)
     try:
         convert(args.input, args.output, to=args.to, encoder=args.encoder, check=args.check,
-                check_opts=args.check_opts, tolerance=args.tolerance, verbose=args.verbose)
+                check_opts=args.check_opts, tolerance=args.tolerance, verbose=args.verbose, force=args.force)
     except CheckFailed as e:
         print(f"intl-convert: {e}", file=sys.stderr)
         return 1
-    except UserError as e:  # ConversionError, CheckpointError, ...: a problem the user can fix
+    except UserError as e:  # ConversionError, CheckpointError, WriteError, ...: a problem the user can fix
         print(f"intl-convert: error: {e}; no output was written", file=sys.stderr)
         return 2
     return 0

@@ -289,3 +289,63 @@ def test_not_a_checkpoint_and_bad_arguments(tmp_path, capsys):
 # ---- a real pretraining checkpoint from the engine ---------------------------------------------------------
 
 
+
+
+# ---- the output path: existing files, folders, unwritable folders (issue 21 items 6-7) -----------------------
+
+
+def test_existing_output_is_replaced_only_with_force_and_never_a_training_checkpoint(tmp_path, capsys):
+    src = tmp_path / "r18.pth"
+    torch.save(_r18_sd(), src)
+    out = tmp_path / "w.pkl"
+    assert main([str(src), str(out)]) == 0
+    first = out.read_bytes()
+    capsys.readouterr()
+
+    assert main([str(src), str(out)]) == 2  # an existing output: refused without --force
+    err = capsys.readouterr().err
+    assert f"the output {out} exists" in err and "--force" in err and out.read_bytes() == first
+
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in _r18_sd().items()}, src)
+    assert main([str(src), str(out), "--force"]) == 0  # a converter output is replaced with --force
+    assert out.read_bytes() != first
+    capsys.readouterr()
+
+    model = build_resnet("resnet18")
+    pretrain = save_checkpoint({"model": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+                                "epoch": 1, "step": 10, "config": {}}, tmp_path / "last.pth")
+    kept = pretrain.read_bytes()
+    refused = 0
+    for args in ([str(src), str(pretrain)], [str(src), str(pretrain), "--force"]):
+        refused += main(args) == 2
+        err = capsys.readouterr().err
+        assert str(pretrain) in err and "fix: choose another output path" in err, err
+    print(f"pretraining checkpoint as the output: refused {refused} of 2 runs (with and without --force); "
+          f"its bytes unchanged: {pretrain.read_bytes() == kept}")
+    assert refused == 2 and pretrain.read_bytes() == kept and "never replaces one, even with --force" in err
+    _no_leftovers(tmp_path, {"r18.pth", "w.pkl", "last.pth"})
+
+
+def test_output_that_is_a_folder_or_in_an_unwritable_folder_exits_2(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import common.atomic as atomic
+
+    src = tmp_path / "r18.pth"
+    torch.save(_r18_sd(), src)
+    folder = tmp_path / "weights.pkl"
+    folder.mkdir()
+    assert main([str(src), str(folder)]) == 2
+    err = capsys.readouterr().err
+    print(err.strip())
+    assert f"the output {folder} is a folder" in err and "fix: name a file in it" in err and not list(folder.iterdir())
+
+    def read_only(*args, **kwargs):  # as root chmod does not stop writes: the OS error is raised here instead
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "ro"))
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(atomic.tempfile, "TemporaryFile", read_only)
+    assert main([str(src), str(tmp_path / "ro" / "w.pkl")]) == 2
+    err = capsys.readouterr().err
+    print(err.strip())
+    assert "read-only file system" in err and "fix: choose a writable folder" in err and "Traceback" not in err

@@ -301,3 +301,26 @@ def test_trainer_hooks_cap_checkpoints_and_log_every_loss(tmp_path, synthetic_ro
     assert kinds[PeriodicCheckpointer].max_to_keep == 3
     assert PreciseBN in kinds and EvalHook in kinds and isinstance(trainer._hooks[-1], LossLog)
     assert type(trainer._trainer).__name__ == "CPUAutocastTrainer"  # SOLVER.AMP on CPU: bf16 autocast
+
+
+
+@pytest.mark.parametrize("name,content", [("garbage.pkl", b"\x80\x04not a pickle at all"), ("empty.pkl", b""),
+                                          ("garbage.pth", b"PK\x03\x04 torn zip")])
+def test_garbage_weights_file_is_named_with_the_fix(tmp_path, synthetic_root, name, content):
+    """MODEL.WEIGHTS that is not a weights file: the path and the fix and exit 2, not an UnpicklingError."""
+    from common.errors import UserError
+    from transfer.detection.train_net import main, run_task
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    coco = synthetic_root / "coco"
+    opts = ["INTL.COCO_JSON_SETS", repr([["synthetic_coco_train", str(coco / "instances_train.json"), str(coco)],
+                                         ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]]),
+            "MODEL.WEIGHTS", str(path), "SOLVER.MAX_ITER", "2"]
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        run_task(str(CONFIGS / "synthetic_R_50_C4.yaml"), opts, str(out))
+    print(f"{type(e.value).__name__}: {e.value}")
+    assert f"{path} could not be read as detectron2 weights" in str(e.value) and "intl-convert" in str(e.value)
+    assert not list(out.glob("model_*.pth")) and not (out / "COMPLETE").exists()
+    assert main(["--config-file", str(CONFIGS / "synthetic_R_50_C4.yaml"), "--output-dir", str(out)] + opts) == 2

@@ -106,3 +106,29 @@ def test_check_frozen_sees_weights_and_bn_statistics():
 
 
 
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage, not a zip", b""], ids=["garbage", "empty"])
+def test_resume_from_a_corrupt_checkpoint_names_it_and_the_fix(tiny_synthetic, tmp_path, content):
+    from tests.stage_fixtures import linear_cfg
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pth").write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        linear.run(linear_cfg(tiny_synthetic, run_dir, "weights=null", "model.arch=resnet18"))
+    print(info.value)
+    assert str(run_dir / "last.pth") in str(info.value) and "delete it" in str(info.value)
+    assert (run_dir / "last.pth").read_bytes() == content  # the file is reported, not removed
+
+
+def test_resume_from_a_checkpoint_of_another_classifier_names_it_and_the_fix(tiny_synthetic, tmp_path):
+    from tests.stage_fixtures import linear_cfg
+
+    run_dir = tmp_path / "run"
+    torch.save({"format": C.CLASSIFIER_FORMAT, "model": {"weight": torch.zeros(3, 3)}, "optimizer": {},
+                "epoch": 1, "best_top1": 0.0, "history": []}, run_dir.mkdir() or run_dir / "last.pth")
+    with pytest.raises(CheckpointError, match="does not fit this run's classifier") as info:
+        linear.run(linear_cfg(tiny_synthetic, run_dir, "weights=null", "model.arch=resnet18"))
+    print(info.value)
+    assert str(run_dir / "last.pth") in str(info.value) and "delete it" in str(info.value)

@@ -74,10 +74,25 @@ def _group(keys: list[str]) -> list[str]:
     return [f"{m}.{{{','.join(sorted(v))}}}" for m, v in sorted(groups.items())]
 
 
+class WeightsFileError(DetectionSetupError):
+    """MODEL.WEIGHTS (or a checkpoint to resume) is not a weights file detectron2 can read."""
+
+
 class CheckedDetectionCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer whose report on incompatible keys tells expected-new from backbone mismatch."""
+    """DetectionCheckpointer whose report on incompatible keys tells expected-new from backbone mismatch, and
+    which names an unreadable file (garbage, torn, not a pickle) instead of raising pickle's error."""
 
     last_report: WeightsReport | None = None
+
+    def _load_file(self, filename: str):
+        try:
+            return super()._load_file(filename)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights file"
+            raise WeightsFileError(
+                f"{filename} could not be read as detectron2 weights ({type(e).__name__}: {e}); fix: pass as "
+                "MODEL.WEIGHTS a file written by `intl-convert CHECKPOINT OUT.pkl` (or MODEL.WEIGHTS \"\" for "
+                "random init); if it is this run's own model_*.pth, delete it (and last_checkpoint) to resume "
+                "from the one before") from e
 
     def _log_incompatible_keys(self, incompatible) -> None:
         report = classify_incompatible(self.model.state_dict().keys(), incompatible.missing_keys,
