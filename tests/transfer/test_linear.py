@@ -7,10 +7,11 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from common.backbone_weights import load_backbone_into
+from common.backbone_weights import file_sha256, load_backbone_into
 from common.checkpoint import CheckpointError
 from common.config import compose_config
 from common.resnet import build_resnet
+from stage_fixtures import random_backbone_file
 from transfer import classification as C
 from transfer import linear
 
@@ -106,3 +107,18 @@ def test_check_frozen_sees_weights_and_bn_statistics():
 
 
 
+
+
+def test_unfinished_pretraining_checkpoint_is_refused_unless_allowed(tmp_path, caplog):
+    path = random_backbone_file(tmp_path / "last.pth", seed=0, finished=False, step=7)
+    cfg = linear.validate_config(compose_config("linear", [f"weights={path}", "eval/linear=synthetic"]),
+                                 check_paths=False)
+    with pytest.raises(C.EvalConfigError, match=r"step 7 .*not marked finished.*allow_unfinished=true"):
+        C.build_model(cfg, num_classes=3)
+    allowed = C.build_model(OmegaConf.merge(cfg, {"allow_unfinished": True}), num_classes=3)
+    s = allowed.identity
+    print(f"\nunfinished checkpoint recorded as: step {s['step']}, finished {s['finished']}, sha256 {s['sha256'][:12]}")
+    assert (s["step"], s["finished"], s["kind"], s["path"]) == (7, False, "intl-pretrain", str(path.resolve()))
+    assert s["sha256"] == file_sha256(path) and "WARNING" in caplog.text and "allow_unfinished=true" in caplog.text
+    done = random_backbone_file(tmp_path / "done.pth", seed=0, finished=True)
+    assert C.build_model(OmegaConf.merge(cfg, {"weights": str(done)}), num_classes=3).identity["finished"] is True
