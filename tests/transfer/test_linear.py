@@ -122,3 +122,19 @@ def test_unfinished_pretraining_checkpoint_is_refused_unless_allowed(tmp_path, c
     assert s["sha256"] == file_sha256(path) and "WARNING" in caplog.text and "allow_unfinished=true" in caplog.text
     done = random_backbone_file(tmp_path / "done.pth", seed=0, finished=True)
     assert C.build_model(OmegaConf.merge(cfg, {"weights": str(done)}), num_classes=3).identity["finished"] is True
+
+
+def test_evaluate_leaves_out_unreadable_images():
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    model = nn.Linear(4, 3)
+    marked = y.clone()
+    marked[[2, 7]] = C.EXCLUDED  # two unreadable images, replaced by their neighbours' pixels
+    loader = lambda labels: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=4)  # noqa: E731
+    keep = marked != C.EXCLUDED
+    got = C.evaluate(model, loader(marked), torch.device("cpu"))
+    want = C.evaluate(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[keep], y[keep]),
+                                                         batch_size=4), torch.device("cpu"))
+    print(f"\n10 images, 2 unreadable: n {got['n']}, top-1 {got['top1']:.1f} (without them {want['top1']:.1f})")
+    assert (got["n"], got["top1"], got["top5"]) == (8, want["top1"], want["top5"])
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)  # batches split differently: float sums differ
