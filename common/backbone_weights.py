@@ -23,6 +23,8 @@ Anything else (not a checkpoint, empty, unknown prefix, a missing layer, wrong s
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import re
 from collections import Counter, OrderedDict
@@ -63,6 +65,9 @@ class BackboneWeights:
     source: str = "<object>"
     prefix: str = ""  # the input key prefix the backbone was read from
     filled: list[str] = field(default_factory=list)  # num_batches_tracked buffers absent in the source
+    # What the weights were read from: path, sha256 of the file's bytes, kind, encoder, and for a pretraining
+    # checkpoint its step, epoch and ``finished`` flag (None for other kinds). See ``source_identity``.
+    identity: dict = field(default_factory=dict)
 
     @property
     def num_tensors(self) -> int:
@@ -88,9 +93,10 @@ def read_backbone_weights(path_or_obj: str | os.PathLike | Mapping[str, Any],
     """
     if encoder not in ENCODERS:
         raise CheckpointError(f"unknown encoder {encoder!r}; choose one of {list(ENCODERS)}")
+    sha256 = None
     if isinstance(path_or_obj, (str, os.PathLike)):
         source = str(path_or_obj)
-        obj = _load_file(Path(path_or_obj))
+        obj, sha256 = _load_file(Path(path_or_obj))
     else:
         source, obj = "<object>", path_or_obj
     if not isinstance(obj, Mapping):
@@ -122,14 +128,31 @@ def read_backbone_weights(path_or_obj: str | os.PathLike | Mapping[str, Any],
         _check_against_config(weights, obj.get("config"), source)
     weights.encoder = encoder
     weights.skipped = weights.skipped + skipped_extra
+    pretrain = kind == "intl-pretrain"
+    weights.identity = {
+        "path": str(Path(source).resolve()) if sha256 else source, "sha256": sha256, "kind": kind, "encoder": encoder,
+        "step": obj.get("step") if pretrain else None, "epoch": obj.get("epoch") if pretrain else None,
+        "finished": bool(obj.get("finished", False)) if pretrain else None}
     return weights
 
 
-def _load_file(path: Path) -> Any:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (read in 1 MiB blocks): the identity of a checkpoint file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_file(path: Path) -> tuple[Any, str]:
+    """The loaded object and the sha256 of exactly the bytes it was loaded from (one read of the file: a
+    checkpoint renamed over ``path`` meanwhile cannot mix two versions)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; fix: pass the path of a checkpoint file")
+    data = path.read_bytes()
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False), hashlib.sha256(data).hexdigest()
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
         if _is_detectron2_pickle(path):
             raise CheckpointError(f"{path} is a detectron2 / Caffe2 weights pickle (already converted); fix: use it "

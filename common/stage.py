@@ -50,8 +50,13 @@ class Start:
         return self.done if self.info.is_main else None
 
 
-def begin(cfg: Any, validate: Callable[..., DictConfig], log: logging.Logger) -> Start:
-    """The first thing every Hydra stage's ``run(cfg)`` does (see the module docstring)."""
+def begin(cfg: Any, validate: Callable[..., DictConfig], log: logging.Logger,
+          check_done: Callable[[DictConfig, dict, Path], None] | None = None) -> Start:
+    """The first thing every Hydra stage's ``run(cfg)`` does (see the module docstring).
+
+    check_done(cfg, previous results, run_dir): called for a complete run before it is reported as such;
+    raises a ``UserError`` when those results are not what ``cfg`` asks for (other weights, another config).
+    """
     ensure_logging(log)
     info = init_distributed()
     cfg = validate(cfg, world_size=info.world_size)
@@ -59,7 +64,10 @@ def begin(cfg: Any, validate: Callable[..., DictConfig], log: logging.Logger) ->
     run_dir = Path(cfg.run_dir)
     done = None
     if is_complete(run_dir):
-        done = {**previous_results(run_dir), "already_complete": True}
+        previous = previous_results(run_dir)
+        if check_done is not None:
+            check_done(cfg, previous, run_dir)
+        done = {**previous, "already_complete": True}
         headline = f"top-1 {done['top1']}" if "top1" in done else f"step {done.get('steps')}"
         log.info("run %s is already complete (%s); nothing to do", run_dir, headline)
     elif info.is_main:

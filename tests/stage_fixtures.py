@@ -166,3 +166,19 @@ def knn_cfg(data_root: Path, run_dir: Path, *extra: str):
     return compose_config("knn", ["eval/knn=synthetic", f"data.root={data_root / 'classification'}",
                                   f"run_dir={run_dir}", "data.workers=0", "knn.batch_size=40",
                                   "model.arch=resnet18", *extra])
+
+
+def random_backbone_file(path: Path, seed: int, finished: bool | None = None, step: int = 5) -> Path:
+    """A random small-stem ResNet-18 backbone saved as a torchvision state_dict (``finished`` None) or as a
+    pretraining checkpoint of ``step`` with that ``finished`` flag (no training: its numbers do not matter)."""
+    from common.checkpoint import BACKBONE_PREFIX, save_checkpoint
+    from common.resnet import build_resnet
+
+    torch.manual_seed(seed)
+    sd = build_resnet("resnet18", small_stem=True).state_dict()
+    if finished is None:
+        torch.save(sd, path)
+        return path
+    return save_checkpoint({"model": {BACKBONE_PREFIX + k: v for k, v in sd.items()}, "ema_model": None,
+                            "epoch": 1, "step": step, "finished": finished,
+                            "config": {"model": {"arch": "resnet18", "small_stem": True}}}, path)

@@ -30,11 +30,11 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
 
 from common.atomic import atomic_torch_save, atomic_write_text, save_figure, write_json
-from common.backbone_weights import load_backbone_into, read_backbone_weights
+from common.backbone_weights import file_sha256, load_backbone_into, read_backbone_weights
 from common.checkpoint import CheckpointError
 from common.config import merge_onto_schema, to_plain
 from common.distributed import DistInfo, barrier, get_rank, get_world_size, is_dist
-from common.errors import ConfigError
+from common.errors import ConfigError, UserError
 from common.imagefolder import RobustImageFolder, dataloader_defaults
 from common.resnet import FEATURE_DIMS, build_resnet
 from common.runlog import MetricsLogger, mark_complete, save_config
@@ -124,6 +124,7 @@ class EvalSchema:
     seed: int = MISSING
     # pretraining last.pth / torchvision .pth / official INTL / MoCo; null = random init
     weights: Optional[str] = MISSING
+    allow_unfinished: bool = MISSING  # evaluate a pretraining checkpoint whose ``finished`` flag is not set
     encoder: str = MISSING  # online | momentum (the EMA encoder of an EMA-pretrained model)
     model: ModelSchema = field(default_factory=ModelSchema)
     data: DataSchema = field(default_factory=DataSchema)
@@ -300,6 +301,7 @@ class LoadedBackbone:
     feature_dim: int
     source: str               # the weights path, or "random init"
     kind: str                 # backbone_weights kind, or "random"
+    identity: dict            # BackboneWeights.identity (path, sha256, step, finished, ...), or RANDOM_IDENTITY
 
 
 def build_model(cfg: DictConfig, num_classes: int | None) -> LoadedBackbone:
@@ -309,9 +311,11 @@ def build_model(cfg: DictConfig, num_classes: int | None) -> LoadedBackbone:
     The load is checked by ``common.backbone_weights.load_backbone_into``: every backbone key must load,
     nothing may be unexpected, the classifier stays as initialised here.
     """
-    state, kind, source = None, "random", "random init"
+    state, kind, source, identity = None, "random", "random init", dict(RANDOM_IDENTITY)
     if cfg.weights is not None:
         w = read_backbone_weights(cfg.weights, encoder=cfg.encoder)
+        identity = w.identity
+        check_finished(identity, cfg.allow_unfinished)
         for key, value in (("arch", w.arch), ("small_stem", w.small_stem)):
             if cfg.model[key] is not None and cfg.model[key] != value:
                 raise EvalConfigError(f"model.{key}={cfg.model[key]!r} but {cfg.weights} holds a {w.arch}"
@@ -334,7 +338,69 @@ def build_model(cfg: DictConfig, num_classes: int | None) -> LoadedBackbone:
         nn.init.zeros_(model.fc.bias)
     if state is not None:
         load_backbone_into(model, state, source=source)
-    return LoadedBackbone(model, arch, small_stem, dim, source, kind)
+    return LoadedBackbone(model, arch, small_stem, dim, source, kind, identity)
+
+
+# ------------------------------------------------------------------------------------------ source identity
+RANDOM_IDENTITY = {"path": None, "sha256": None, "kind": "random", "step": None, "epoch": None, "finished": None}
+# Keys that do not change what a run computes; a resumed or completed run may differ in them.
+NEUTRAL_KEYS = ("data.workers", "train.log_every", "allow_unfinished")
+
+
+class StaleRunError(UserError):
+    """A run folder holds a run of other weights or another config than the one asked for."""
+
+
+def check_finished(identity: dict, allow_unfinished: bool) -> None:
+    """A pretraining checkpoint not marked ``finished`` is refused unless ``allow_unfinished`` (then a loud
+    warning; results.json records ``source.finished: false`` and the step)."""
+    if identity.get("finished") is not False:
+        return
+    what = (f"weights={identity['path']} is a pretraining checkpoint of step {identity['step']} (epoch "
+            f"{identity['epoch']}) that is not marked finished: the pretraining is still running or was stopped")
+    if not allow_unfinished:
+        raise EvalConfigError(f"{what}; its results would not be the final model's. Fix: wait until the pretraining "
+                              "has finished (its run folder has COMPLETE), or pass allow_unfinished=true to evaluate "
+                              "this intermediate checkpoint (results.json then records finished: false and the step)")
+    log.warning("WARNING: %s; evaluating it anyway (allow_unfinished=true); results.json records finished: false",
+                what)
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def check_same_run(recorded: dict, cfg: DictConfig, sha256: str | None, where: Path) -> None:
+    """Refuses to resume or reuse ``where`` (a classifier checkpoint or results.json holding ``source`` and
+    ``config``) for other weights (their bytes' sha256) or a config that differs beyond ``NEUTRAL_KEYS``."""
+    fix = (f"fix: evaluate under a new name= (a fresh run folder), or delete {where.parent} to redo it with the "
+           "current weights and config")
+    source = recorded.get("source")
+    if not isinstance(source, dict) or "sha256" not in source:
+        raise StaleRunError(f"{where} records no source checkpoint identity (written by an older version), so it "
+                            f"cannot be checked against weights={cfg.weights}; {fix}")
+    if source["sha256"] != sha256:
+        was = (f"{source.get('path')} (sha256 {str(source['sha256'])[:12]}, step {source.get('step')}, finished "
+               f"{source.get('finished')})" if source["sha256"] else "random initialisation")
+        now = f"{cfg.weights} (sha256 {sha256[:12]})" if sha256 else "random initialisation"
+        raise StaleRunError(f"{where} was computed from {was} but the weights now are {now}: the checkpoint changed "
+                            f"(e.g. the pretraining went on) or another one was passed; {fix}")
+    old, new = _flat(recorded.get("config") or {}), _flat(to_plain(cfg))
+    differ = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in sorted(set(old) | set(new))
+              if old.get(k) != new.get(k) and k not in NEUTRAL_KEYS]
+    if differ:
+        raise StaleRunError(f"{where} was computed with another config ({'; '.join(differ[:8])}); {fix}")
+
+
+def check_previous(cfg: DictConfig, previous: dict, run_dir: Path) -> None:
+    """``common.stage.begin``'s check of an already complete evaluation: same weights bytes, same config."""
+    check_same_run(previous, cfg, file_sha256(cfg.weights) if cfg.weights is not None else None,
+                   run_dir / "results.json")
 
 
 def backbone_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -401,8 +467,13 @@ def lr_factor_schedule(o: DictConfig, total_steps: int, steps_per_epoch: int) ->
 
 
 # ------------------------------------------------------------------------------------------ run scaffolding
-def open_run(run_dir: Path, cfg: DictConfig, info: DistInfo) -> MetricsLogger:
-    """config.yaml (rank 0) and the metrics logger (a no-op on the other ranks)."""
+def open_run(run_dir: Path, cfg: DictConfig, info: DistInfo, source: dict) -> MetricsLogger:
+    """config.yaml (rank 0) and the metrics logger (a no-op on the other ranks), after checking that a
+    classifier checkpoint to resume (``run_dir/last.pth``) is of the same weights and config
+    (``check_same_run``; before anything in the folder is rewritten)."""
+    ckpt = run_dir / "last.pth"
+    if ckpt.exists():
+        check_same_run(load_classifier_checkpoint(ckpt), cfg, source["sha256"], ckpt)
     if info.is_main:
         save_config(run_dir, cfg)
     return MetricsLogger(run_dir, enabled=info.is_main)
@@ -411,7 +482,8 @@ def open_run(run_dir: Path, cfg: DictConfig, info: DistInfo) -> MetricsLogger:
 def results_record(stage: str, cfg: DictConfig, loaded: LoadedBackbone, info: DistInfo, **figures: Any) -> dict:
     """results.json of a classification evaluation: ``figures`` (top1, top5, n_train, ...) plus what every
     evaluation records about its source, backbone, processes and config."""
-    return {"stage": stage, **figures, "source_checkpoint": cfg.weights, "encoder": cfg.encoder,
+    return {"stage": stage, **figures, "source_checkpoint": cfg.weights, "source": loaded.identity,
+            "encoder": cfg.encoder,
             "weights_kind": loaded.kind, "arch": loaded.arch, "small_stem": loaded.small_stem,
             "feature_dim": loaded.feature_dim, "world_size": info.world_size, "config": to_plain(cfg)}
 
@@ -489,13 +561,16 @@ def load_classifier_checkpoint(path: Path) -> dict:
 def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_lrs: list[float],
                    train_data: DataLoader, val_data: DataLoader, cfg: DictConfig, info: DistInfo,
                    run_dir: Path, logger: MetricsLogger, set_mode: Callable[[nn.Module], None],
-                   state_to_save: Callable[[], dict], state_to_load: Callable[[dict], None]) -> FitResult:
+                   state_to_save: Callable[[], dict], state_to_load: Callable[[dict], None],
+                   source: dict) -> FitResult:
     """The classifier training loop shared by linear and semi-supervised evaluation.
 
     ``peak_lrs``: one peak lr per optimizer param group, multiplied by the schedule every step.
     ``set_mode(model)`` puts the model in its training mode (linear: all eval; semi: train).
     ``state_to_save()`` / ``state_to_load(state)``: the model tensors this stage checkpoints (linear: fc only).
-    Resumes from ``run_dir/last.pth`` (written atomically after every epoch by rank 0).
+    ``source``: the weights' identity (``LoadedBackbone.identity``), saved in the checkpoint.
+    Resumes from ``run_dir/last.pth`` (written atomically after every epoch by rank 0; ``open_run`` has
+    checked that it is of the same weights and config).
     """
     o, t = cfg.optim, cfg.train
     steps_per_epoch = len(train_data)
@@ -559,7 +634,7 @@ def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_l
             atomic_torch_save({"format": CLASSIFIER_FORMAT, "model": state_to_save(),
                                "optimizer": optimizer.state_dict(),
                                "epoch": epoch + 1, "step": step, "best_top1": best, "history": history,
-                               "config": to_plain(cfg)}, ckpt)
+                               "config": to_plain(cfg), "source": source}, ckpt)
     return FitResult(final=final, best_top1=best, epochs=o.epochs, steps=step, history=history)
 
 

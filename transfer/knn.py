@@ -135,7 +135,7 @@ def run(cfg) -> dict | None:
     validation images (evaluation transform), then k=``knn.k`` plain and k=``knn.weighted_k`` weighted votes.
     top1/top5 in results.json are the plain k-NN's (the paper's tables); the weighted ones are under
     ``weighted``."""
-    start = begin(cfg, validate_config, C.log)
+    start = begin(cfg, validate_config, C.log, check_done=C.check_previous)
     if start.done is not None:
         return start.finished_result()
     cfg, info, run_dir = start.cfg, start.info, start.run_dir

@@ -49,7 +49,7 @@ def select_subset(cfg: DictConfig, train_ds, run_dir: Path, is_main: bool) -> tu
 
 
 def run(cfg: DictConfig) -> dict | None:
-    start = begin(cfg, validate_config, C.log)
+    start = begin(cfg, validate_config, C.log, check_done=C.check_previous)
     if start.done is not None:
         return start.finished_result()
     cfg, info, run_dir = start.cfg, start.info, start.run_dir
@@ -66,7 +66,7 @@ def run(cfg: DictConfig) -> dict | None:
               {"params": list(model.fc.parameters()), "lr": head_lr}]
     optimizer = torch.optim.SGD(groups, lr=head_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     net = C.data_parallel(model, info)
-    logger = C.open_run(run_dir, cfg, info)
+    logger = C.open_run(run_dir, cfg, info, loaded.identity)
     C.log.info("semi-supervised fine-tuning of %s (%s, %s, feature dim %d): %d labelled of %d train images "
                "(%s), %d val images, %d classes; backbone lr %.4g, classifier lr %.4g", loaded.source, loaded.arch,
                loaded.kind, loaded.feature_dim, len(train_ds), len(full_train),
@@ -78,7 +78,7 @@ def run(cfg: DictConfig) -> dict | None:
             train_data=C.train_loader(train_ds, cfg.optim.batch_size, cfg.seed, cfg.data.workers),
             val_data=C.eval_loader(val_ds, cfg.optim.batch_size, cfg.data.workers),
             cfg=cfg, info=info, run_dir=run_dir, logger=logger, set_mode=lambda m: m.train(),
-            state_to_save=model.state_dict, state_to_load=model.load_state_dict)
+            state_to_save=model.state_dict, state_to_load=model.load_state_dict, source=loaded.identity)
     finally:
         logger.close()
     results = C.results_record(

@@ -44,3 +44,33 @@ def test_knn_stage_one_and_two_processes_agree(tiny_synthetic, tmp_path):
     # Same features up to float summation order: at most one of the 40 votes may flip.
     assert two["top1"] == pytest.approx(res["top1"], abs=2.5)
     assert two["weighted"]["top1"] == pytest.approx(res["weighted"]["top1"], abs=2.5)
+
+
+def test_unreadable_images_are_left_out_counted_over_ranks_and_listed(tiny_synthetic, tmp_path):
+    """3 unreadable training and 2 validation images, 2 gloo processes: the k-NN leaves them out (the same
+    result as with the files deleted), counts each file once over both ranks, lists them in the run folder."""
+    import json
+    import shutil
+
+    from transfer import knn
+
+    corrupt, deleted = tmp_path / "corrupt", tmp_path / "deleted"
+    for root in (corrupt, deleted):
+        shutil.copytree(tiny_synthetic / "classification", root / "classification")
+    files = sorted((corrupt / "classification" / "train").rglob("*.jpg"))[:3] + \
+        sorted((corrupt / "classification" / "val").rglob("*.jpg"))[:2]
+    assert len(files) == 5, "the tiny set changed its image format"
+    for f in files:
+        f.write_bytes(b"not an image")
+        (deleted / f.relative_to(corrupt)).unlink()
+    clean = knn.run(knn_cfg(deleted, tmp_path / "clean"))
+    mp.spawn(_knn_worker, args=(2, free_port(), str(corrupt), str(tmp_path / "bad")), nprocs=2, join=True)
+    bad = json.loads((tmp_path / "bad" / "results.json").read_text())
+    u = bad["unreadable_images"]
+    listed = (tmp_path / "bad" / "unreadable_images.txt").read_text().splitlines()
+    print(f"\nunreadable: {u['counts']}, listed {len(listed)}; n_train {bad['n_train']} n_val {bad['n_val']}; "
+          f"top-1 {bad['top1']:.2f} vs {clean['top1']:.2f} with the files deleted")
+    assert u["counts"] == {"train": 3, "val": 2} and (bad["n_train"], bad["n_val"]) == (117, 38)
+    assert sorted(p for split in ("train", "val") for p in u["files"][split]) == sorted(map(str, files))
+    assert sorted(line.split("\t")[1] for line in listed) == sorted(map(str, files))
+    assert (bad["top1"], bad["top5"], bad["weighted"]) == (clean["top1"], clean["top5"], clean["weighted"])

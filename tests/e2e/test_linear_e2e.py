@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from common.backbone_weights import file_sha256
 from common.config import compose_config
-from stage_fixtures import free_port, linear_cfg
+from stage_fixtures import free_port, linear_cfg, random_backbone_file
 from transfer import classification as C
 from transfer import linear
 
@@ -46,21 +47,67 @@ def test_frozen_check_fails_when_the_backbone_is_made_trainable(tiny_synthetic, 
     assert not (tmp_path / "thawed" / "COMPLETE").exists()
 
 
+def _killed_at_epoch(monkeypatch, epoch: int) -> None:
+    """The job dies in the validation pass of ``epoch`` (after ``epoch - 1`` checkpointed epochs)."""
+    real, calls = C.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "evaluate", evaluate)
+
+
 def test_resume_continues_and_a_complete_run_returns_at_once(tiny_synthetic, tmp_path):
     run_dir = tmp_path / "resume"
-    first = linear.run(linear_cfg(tiny_synthetic, run_dir, "model.arch=resnet18", "optim.epochs=1"))
+    cfg = ("model.arch=resnet18", "optim.epochs=2")
+    with pytest.MonkeyPatch.context() as mp_:
+        _killed_at_epoch(mp_, 2)
+        with pytest.raises(KeyboardInterrupt):
+            linear.run(linear_cfg(tiny_synthetic, run_dir, *cfg))
     saved = torch.load(run_dir / "last.pth", weights_only=False)
     assert saved["epoch"] == 1 and saved["format"] == C.CLASSIFIER_FORMAT
     assert set(saved["model"]) == {"weight", "bias"}  # linear eval checkpoints only the classifier
-    # Pretend the job was preempted after epoch 1 of 2: the run resumes from last.pth.
-    (run_dir / "COMPLETE").unlink()
-    (run_dir / "results.json").unlink()
-    second = linear.run(linear_cfg(tiny_synthetic, run_dir, "model.arch=resnet18", "optim.epochs=2"))
+    assert not (run_dir / "COMPLETE").exists()
+    second = linear.run(linear_cfg(tiny_synthetic, run_dir, *cfg))  # resubmitted: resumes from last.pth
     assert [h["epoch"] for h in second["history"]] == [1, 2]
-    assert second["history"][0] == first["history"][0]
-    assert second["steps"] == 2 * first["steps"]
-    third = linear.run(linear_cfg(tiny_synthetic, run_dir, "model.arch=resnet18", "optim.epochs=2"))
+    assert second["history"][0] == saved["history"][0]
+    assert second["steps"] == 2 * saved["step"]
+    third = linear.run(linear_cfg(tiny_synthetic, run_dir, *cfg))
     assert third["already_complete"] and third["top1"] == second["top1"]
+
+
+def test_resubmit_with_other_weights_or_config_is_refused_and_stale_results_are_not_complete(
+        tiny_synthetic, tmp_path, monkeypatch):
+    a = random_backbone_file(tmp_path / "a.pth", seed=1)
+    b = random_backbone_file(tmp_path / "b.pth", seed=2)
+    run_dir = tmp_path / "run"
+    short = ("optim.epochs=2", "train.max_steps_per_epoch=1")
+    with monkeypatch.context() as mp_:
+        _killed_at_epoch(mp_, 2)
+        with pytest.raises(KeyboardInterrupt):
+            linear.run(linear_cfg(tiny_synthetic, run_dir, f"weights={a}", *short))
+    config_before = (run_dir / "config.yaml").read_text()
+    refused = []
+    with pytest.raises(C.StaleRunError, match=r"computed from .*a\.pth .* but the weights now are .*b\.pth") as e:
+        linear.run(linear_cfg(tiny_synthetic, run_dir, f"weights={b}", *short))
+    refused.append(str(e.value))
+    with pytest.raises(C.StaleRunError, match=r"another config \(optim.base_lr: 0.02 -> 0.5\)") as e:
+        linear.run(linear_cfg(tiny_synthetic, run_dir, f"weights={a}", "optim.base_lr=0.5", *short))
+    refused.append(str(e.value))
+    assert (run_dir / "config.yaml").read_text() == config_before  # nothing in the folder rewritten
+    assert torch.load(run_dir / "last.pth", weights_only=False)["epoch"] == 1
+    done = linear.run(linear_cfg(tiny_synthetic, run_dir, f"weights={a}", "data.workers=0", *short))
+    assert done["source"]["sha256"] == file_sha256(a) and done["source"]["path"] == str(a.resolve())
+    # The checkpoint changes under the finished evaluation (the pretraining went on): not "already complete".
+    b.replace(a)
+    with pytest.raises(C.StaleRunError, match="the checkpoint changed") as e:
+        linear.run(linear_cfg(tiny_synthetic, run_dir, f"weights={a}", *short))
+    refused.append(str(e.value))
+    print(f"\nrefused {len(refused)} of 3 mismatching resubmissions: " + " | ".join(r[:90] for r in refused))
+    assert len(refused) == 3
 
 
 def _linear_worker(rank, world, port, data_root, run_dir):

@@ -7,10 +7,11 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from common.backbone_weights import load_backbone_into
+from common.backbone_weights import file_sha256, load_backbone_into
 from common.checkpoint import CheckpointError
 from common.config import compose_config
 from common.resnet import build_resnet
+from stage_fixtures import random_backbone_file
 from transfer import classification as C
 from transfer import linear
 
@@ -132,3 +133,34 @@ def test_resume_from_a_checkpoint_of_another_classifier_names_it_and_the_fix(tin
         linear.run(linear_cfg(tiny_synthetic, run_dir, "weights=null", "model.arch=resnet18"))
     print(info.value)
     assert str(run_dir / "last.pth") in str(info.value) and "delete it" in str(info.value)
+
+
+def test_unfinished_pretraining_checkpoint_is_refused_unless_allowed(tmp_path, caplog):
+    path = random_backbone_file(tmp_path / "last.pth", seed=0, finished=False, step=7)
+    cfg = linear.validate_config(compose_config("linear", [f"weights={path}", "eval/linear=synthetic"]),
+                                 check_paths=False)
+    with pytest.raises(C.EvalConfigError, match=r"step 7 .*not marked finished.*allow_unfinished=true"):
+        C.build_model(cfg, num_classes=3)
+    allowed = C.build_model(OmegaConf.merge(cfg, {"allow_unfinished": True}), num_classes=3)
+    s = allowed.identity
+    print(f"\nunfinished checkpoint recorded as: step {s['step']}, finished {s['finished']}, sha256 {s['sha256'][:12]}")
+    assert (s["step"], s["finished"], s["kind"], s["path"]) == (7, False, "intl-pretrain", str(path.resolve()))
+    assert s["sha256"] == file_sha256(path) and "WARNING" in caplog.text and "allow_unfinished=true" in caplog.text
+    done = random_backbone_file(tmp_path / "done.pth", seed=0, finished=True)
+    assert C.build_model(OmegaConf.merge(cfg, {"weights": str(done)}), num_classes=3).identity["finished"] is True
+
+
+def test_evaluate_leaves_out_unreadable_images():
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    model = nn.Linear(4, 3)
+    marked = y.clone()
+    marked[[2, 7]] = C.EXCLUDED  # two unreadable images, replaced by their neighbours' pixels
+    loader = lambda labels: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=4)  # noqa: E731
+    keep = marked != C.EXCLUDED
+    got = C.evaluate(model, loader(marked), torch.device("cpu"))
+    want = C.evaluate(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[keep], y[keep]),
+                                                         batch_size=4), torch.device("cpu"))
+    print(f"\n10 images, 2 unreadable: n {got['n']}, top-1 {got['top1']:.1f} (without them {want['top1']:.1f})")
+    assert (got["n"], got["top1"], got["top5"]) == (8, want["top1"], want["top5"])
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)  # batches split differently: float sums differ
