@@ -9,9 +9,9 @@ from omegaconf import OmegaConf
 
 from common.backbone_weights import file_sha256, load_backbone_into
 from common.checkpoint import CheckpointError
-from common.config import compose_config
+from common.config import compose_config, to_plain
 from common.resnet import build_resnet
-from stage_fixtures import random_backbone_file
+from stage_fixtures import linear_cfg, random_backbone_file
 from transfer import classification as C
 from transfer import linear
 
@@ -111,8 +111,6 @@ def test_check_frozen_sees_weights_and_bn_statistics():
 
 @pytest.mark.parametrize("content", [b"\x00garbage, not a zip", b""], ids=["garbage", "empty"])
 def test_resume_from_a_corrupt_checkpoint_names_it_and_the_fix(tiny_synthetic, tmp_path, content):
-    from tests.stage_fixtures import linear_cfg
-
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "last.pth").write_bytes(content)
@@ -124,13 +122,15 @@ def test_resume_from_a_corrupt_checkpoint_names_it_and_the_fix(tiny_synthetic, t
 
 
 def test_resume_from_a_checkpoint_of_another_classifier_names_it_and_the_fix(tiny_synthetic, tmp_path):
-    from tests.stage_fixtures import linear_cfg
-
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = linear_cfg(tiny_synthetic, run_dir, "weights=null", "model.arch=resnet18")
+    # same source (random init) and config, so the resume gets past open_run's check to the tensors
     torch.save({"format": C.CLASSIFIER_FORMAT, "model": {"weight": torch.zeros(3, 3)}, "optimizer": {},
-                "epoch": 1, "best_top1": 0.0, "history": []}, run_dir.mkdir() or run_dir / "last.pth")
+                "epoch": 1, "best_top1": 0.0, "history": [], "source": {"sha256": None},
+                "config": to_plain(linear.validate_config(cfg.copy()))}, run_dir / "last.pth")
     with pytest.raises(CheckpointError, match="does not fit this run's classifier") as info:
-        linear.run(linear_cfg(tiny_synthetic, run_dir, "weights=null", "model.arch=resnet18"))
+        linear.run(cfg)
     print(info.value)
     assert str(run_dir / "last.pth") in str(info.value) and "delete it" in str(info.value)
 
