@@ -58,6 +58,7 @@ from .runs import (
     check_writable,
     next_free_dir,
     record_submission,
+    run_lock,
     run_state,
 )
 from .stages import DETECTION, StageSpec, compose_stage_config, get_stage
@@ -110,9 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:  # SubmitError, ConfigError, a stage's own check: the message names the fix
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nsubmit: interrupted. Slurm jobs keep running (scancel <id> stops them); a local job was "
-              "interrupted with this terminal: submit the same command again to resume it.", file=sys.stderr)
+    except KeyboardInterrupt:  # before anything was queued (waiting is handled in _wait_or_report)
+        print("\nsubmit: interrupted", file=sys.stderr)
         return 130
 
 
@@ -276,15 +276,35 @@ def _submit(args, argv: list[str]) -> int:
         return 0
 
     check_writable(run_dir)
-    active = active_jobs(run_dir)
-    if active and args.wait and all(a.record.get("cluster") == SLURM for a in active):
+    with run_lock(run_dir):  # check, submit and record as one step: two submits of a run cannot both queue
+        active = active_jobs(run_dir)
+        if active and not (args.wait and all(a.record.get("cluster") == SLURM for a in active)):
+            raise SubmitError(f"this run already has a job queued or running: {', '.join(map(str, active))}; "
+                              "nothing was submitted; fix: wait for it (or cancel it), or pass --new for a "
+                              "separate run")
+        if not active:
+            folder, jobs = _queue(plan, res, run_dir, argv)
+    if active:
         print(f"submit: this run already has job(s) {', '.join(map(str, active))}; waiting for them instead of "
               "submitting another")
-        return _finish(spec, run_dir, wait_for([_attach(a, run_dir) for a in active]))
-    if active:
-        raise SubmitError(f"this run already has a job queued or running: {', '.join(map(str, active))}; nothing was "
-                          "submitted; fix: wait for it (or cancel it), or pass --new for a separate run")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        return _finish(spec, run_dir, _wait_or_report([_attach(a, run_dir) for a in active]))
+    for job, label in zip(jobs, plan.labels):
+        print(f"submit: job {job.job_id} -> {label}")
+        print(f"submit:   logs {job.paths.stdout} (rank 0; {folder}/{job.job_id}_<rank>_log.out|err for all)")
+    if not args.wait:
+        cancel = "scancel " + " ".join(j.job_id for j in jobs) if res.cluster == SLURM else \
+            "kill -INT " + " ".join(j.job_id for j in jobs)
+        print(f"submit: follow with `tail -f {jobs[0].paths.stdout}`; stop with `{cancel}`; submitting the same "
+              "command again resumes the run")
+        if spec.kind == DETECTION:
+            print(f"submit: when all seeds are done: python -m transfer.detection.aggregate {run_dir}")
+        return 0
+    return _finish(spec, run_dir, _wait_or_report(jobs))
+
+
+def _queue(plan: Plan, res: Resources, run_dir: Path, argv: list[str]):
+    """Writes the config of a new run, submits its jobs and records them (the caller holds the run lock)."""
+    spec = plan.spec
     if spec.kind != DETECTION and plan.state.state == NEW:
         # A resumed run keeps the config.yaml it started with (the stage itself checks that the new
         # config may resume the checkpoint, and says what differs when it may not).
@@ -303,18 +323,35 @@ def _submit(args, argv: list[str]) -> int:
                                 "job_ids": [j.job_id for j in jobs], "nodes": res.nodes, "gpus": res.gpus,
                                 "command": "submit " + " ".join(shlex.quote(a) for a in argv),
                                 "cwd": os.getcwd()})
-    for job, label in zip(jobs, plan.labels):
-        print(f"submit: job {job.job_id} -> {label}")
-        print(f"submit:   logs {job.paths.stdout} (rank 0; {folder}/{job.job_id}_<rank>_log.out|err for all)")
-    if not args.wait:
-        cancel = "scancel " + " ".join(j.job_id for j in jobs) if res.cluster == SLURM else \
-            "kill -INT " + " ".join(j.job_id for j in jobs)
-        print(f"submit: follow with `tail -f {jobs[0].paths.stdout}`; stop with `{cancel}`; submitting the same "
-              "command again resumes the run")
-        if spec.kind == DETECTION:
-            print(f"submit: when all seeds are done: python -m transfer.detection.aggregate {run_dir}")
-        return 0
-    return _finish(spec, run_dir, wait_for(jobs))
+    return folder, jobs
+
+
+def _wait_or_report(jobs: list) -> int:
+    """wait_for(jobs); on Ctrl-C / SIGINT a local job is cancelled (it would otherwise run on, orphaned, with
+    nobody waiting), a Slurm job is left queued or running and the message says how to follow or stop it."""
+    import submitit
+
+    try:
+        return wait_for(jobs)
+    except KeyboardInterrupt:
+        slurm = [str(j.job_id) for j in jobs if isinstance(j, submitit.SlurmJob)]
+        local = [j for j in jobs if not isinstance(j, submitit.SlurmJob)]
+        for job in local:
+            job.cancel()  # SIGINT to submitit's local controller: it stops its tasks (SIGINT, then SIGKILL)
+        deadline = time.time() + 30
+        while any(j.state == "RUNNING" for j in local) and time.time() < deadline:
+            time.sleep(0.1)
+        print(file=sys.stderr)
+        if local:
+            state = "still stopping" if any(j.state == "RUNNING" for j in local) else "stopped"
+            print(f"submit: interrupted: cancelled the local job(s) {' '.join(str(j.job_id) for j in local)} "
+                  f"({state}; the checkpoint stays: submitting the same command again resumes the run)",
+                  file=sys.stderr)
+        if slurm:
+            print(f"submit: interrupted: Slurm job(s) {' '.join(slurm)} keep running; follow with `tail -f "
+                  f"{jobs[0].paths.stdout}`, stop with `scancel {' '.join(slurm)}`; the same command with --wait "
+                  "waits for them again", file=sys.stderr)
+        return 130
 
 
 def _finish(spec: StageSpec, run_dir: Path, status: int) -> int:
