@@ -29,6 +29,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.checkpoint import CheckpointError, load_checkpoint
 from common.errors import UserError
 from common.runlog import is_complete, save_config
 
@@ -169,6 +170,7 @@ def _plan_hydra(spec: StageSpec, args) -> Plan:
                           "the overrides") from None
     _preflight(spec, container, world_size=args.nodes * args.gpus)
     _check_inputs(spec, cfg)
+    _check_resume_checkpoint(spec, state)
     text = OmegaConf.to_yaml(OmegaConf.create(container))
     return Plan(spec, state, [StageJob(spec, container)], text, [str(run_dir)])
 
@@ -231,6 +233,21 @@ def _check_inputs(spec: StageSpec, cfg) -> None:
             raise SubmitError(f"{key}={value} does not exist (needed by the {spec.name} stage); fix: pass "
                               f"{key}=<existing path>, or generate the embedded data with "
                               "`make data` (= `python -m common.synthetic --out data/synthetic`)")
+
+
+def _check_resume_checkpoint(spec: StageSpec, state: RunState) -> None:
+    """A resumed run's checkpoint must load (common.checkpoint.load_checkpoint, as the stage will)."""
+    if spec.resume_checkpoint is None or state.state != RESUME:
+        return
+    path = state.run_dir / spec.resume_checkpoint
+    if not path.exists():
+        return
+    try:
+        load_checkpoint(path)
+    except CheckpointError as e:
+        raise SubmitError(f"this run would resume from {path}, which is unusable: {e}; nothing was submitted; "
+                          f"fix: move {path.name} away to restart the run from scratch, or pass --new for a "
+                          "separate run") from None
 
 
 def _preflight(spec: StageSpec, *args, **kwargs) -> None:

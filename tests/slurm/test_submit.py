@@ -184,6 +184,23 @@ def test_pretrain_dry_run_checks_batch_and_data(tmp_path, monkeypatch, capsys):
     assert "not divisible" in _err(capsys)
 
 
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"\x80\x04truncated"])
+def test_pretrain_resume_from_an_unreadable_checkpoint_is_refused_before_queueing(tmp_path, monkeypatch, capsys,
+                                                                                  content):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "outputs" / "pretrain" / "broken"
+    run.mkdir(parents=True)
+    (run / "last.pth").write_bytes(content)
+    argv = ["pretrain", "--cluster", "local", "--dry-run", "--name", "broken",
+            f"data.root={ROOT}/data/synthetic/classification"]
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert f"would resume from {run / 'last.pth'}, which is unusable" in err and "could not be read" in err
+    assert "fix: move last.pth away" in err
+    assert main(argv + ["--new"]) == 0  # a fresh run does not read it
+    assert "name: broken_2" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------- run folders
 def test_complete_run_does_nothing(counter_env, capsys):
     run = counter_env / "outputs" / "counter" / "counter"
