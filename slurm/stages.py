@@ -83,7 +83,7 @@ class StageSpec:
 # name data or weights the stage reads; the launcher checks they exist before queueing anything.
 STAGES: dict[str, StageSpec] = {
     "pretrain": StageSpec("pretrain", "pretrain.train", input_paths=("data.root", "data.train_dir"),
-                          resume_checkpoint=LAST_NAME),
+                          preflight="preflight", resume_checkpoint=LAST_NAME),
     "linear": StageSpec("linear", "transfer.linear",
                         input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
     "semi": StageSpec("semi", "transfer.semi",

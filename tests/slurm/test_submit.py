@@ -184,6 +184,23 @@ def test_pretrain_dry_run_checks_batch_and_data(tmp_path, monkeypatch, capsys):
     assert "not divisible" in _err(capsys)
 
 
+def test_pretrain_data_that_cannot_train_is_refused_before_queueing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty" / "train").mkdir(parents=True)  # data.split=train
+    assert main(["pretrain", "--cluster", "local", "--dry-run", f"data.root={tmp_path / 'empty'}"]) == 2
+    err = _err(capsys)
+    assert "pretrain stage rejects this setup" in err and "no usable class folders" in err
+    few = tmp_path / "few" / "train" / "cls"
+    few.mkdir(parents=True)
+    from PIL import Image
+
+    for k in range(5):
+        Image.new("RGB", (8, 8)).save(few / f"{k}.png")
+    assert main(["pretrain", "--cluster", "local", "--dry-run", f"data.root={tmp_path / 'few'}",
+                 "optim.batch_size=8"]) == 2
+    assert "has 5 images, fewer than one global batch of 8" in _err(capsys)
+
+
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"\x80\x04truncated"])
 def test_pretrain_resume_from_an_unreadable_checkpoint_is_refused_before_queueing(tmp_path, monkeypatch, capsys,
                                                                                   content):
