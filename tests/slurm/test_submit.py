@@ -308,3 +308,52 @@ def test_real_detection_stage_checks_the_batch_against_the_world_size_before_que
     assert main(argv) == 0
 
 
+
+
+def _weights_file(tmp_path: Path, kind: str) -> Path:
+    import pickle
+
+    import torch
+    import torchvision
+
+    if kind == "non-pickle":
+        path = tmp_path / "w.pkl"
+        path.write_text("this is not a weights file\n")
+    elif kind == "pth":
+        path = tmp_path / "w.pth"
+        torch.save({"model": torchvision.models.resnet18().state_dict()}, path)
+    else:  # a ResNet-18 in detectron2's pickle format, as intl-convert writes it
+        path = tmp_path / "r18.pkl"
+        sd = {k: v.numpy() for k, v in torchvision.models.resnet18().state_dict().items()}
+        with open(path, "wb") as f:
+            pickle.dump({"model": sd, "__author__": "test", "matching_heuristics": True}, f)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["non-pickle", "pth", "resnet18-pkl"])
+def test_real_detection_stage_checks_the_weights_before_queueing(synthetic_root, capsys, monkeypatch, tmp_path,
+                                                                 kind):
+    monkeypatch.chdir(ROOT)
+    weights = _weights_file(tmp_path, kind)
+    argv = ["detection", "--cluster", "local", "--dry-run", "--name", f"w-{kind}",
+            "--config-file", str(ROOT / "configs" / "detection" / "synthetic_R_50_C4.yaml"),
+            "MODEL.WEIGHTS", str(weights)]
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert "detection stage rejects this setup" in err and "fix:" in err
+    assert ("could not be loaded" in err) if kind == "non-pickle" else ("do not fit the backbone" in err), err
+
+
+def test_real_detection_stage_accepts_a_converted_resnet50(synthetic_root, capsys, monkeypatch, tmp_path):
+    import torch
+    import torchvision
+
+    from transfer.convert import convert
+
+    monkeypatch.chdir(ROOT)
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
+    convert(tmp_path / "r50.pth", tmp_path / "r50.pkl")
+    argv = ["detection", "--cluster", "local", "--dry-run", "--name", "w-ok",
+            "--config-file", str(ROOT / "configs" / "detection" / "synthetic_R_50_C4.yaml"),
+            "MODEL.WEIGHTS", str(tmp_path / "r50.pkl")]
+    assert main(argv) == 0, _err(capsys)
