@@ -91,6 +91,15 @@ class EpochShardSampler(Sampler):
             yield (self.epoch, i)
 
 
+def steps_per_epoch(num_images: int, global_batch: int, world_size: int) -> int:
+    """Steps per epoch of the EpochShardSampler (drop_last); ConfigError when not even one global batch fits."""
+    steps = (num_images // world_size) // (global_batch // world_size)
+    if steps < 1:
+        raise ConfigError(f"the training set has {num_images} images, fewer than one global batch of "
+                          f"{global_batch}; fix: a smaller optim.batch_size or a larger data set")
+    return steps
+
+
 def build_dataset(cfg_data, transform) -> Dataset:
     """The training set of ``cfg_data`` with ``transform`` (images -> list of views)."""
     kind = cfg_data.kind

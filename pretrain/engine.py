@@ -44,7 +44,7 @@ from common.checkpoint import LAST_NAME, load_checkpoint, save_checkpoint
 from common.distributed import DistInfo, all_reduce_mean, barrier, gather_with_grad
 from common.errors import ConfigError, UserError
 from pretrain.augment import build_view_transform
-from pretrain.data_loading import EpochShardSampler, build_dataset, build_loader, num_skipped
+from pretrain.data_loading import EpochShardSampler, build_dataset, build_loader, num_skipped, steps_per_epoch
 from pretrain.methods import build_method
 from pretrain.model import build_network, convert_sync_batchnorm, ema_update, make_momentum_copy
 from pretrain.optim import build_optimizer, ema_momentum_scheduler, lr_scheduler, scaled_lr, set_lr
@@ -184,10 +184,7 @@ class PretrainEngine:
         self.num_views = int(transform.num_views)
         self.dataset = build_dataset(cfg.data, transform)
         self.sampler = EpochShardSampler(len(self.dataset), self.local_batch, dist_info.rank, world, int(cfg.seed))
-        self.steps_per_epoch = self.sampler.per_rank // self.local_batch
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"the training set has {len(self.dataset)} images, fewer than one global batch of "
-                              f"{self.global_batch}; fix: a smaller optim.batch_size or a larger data set")
+        self.steps_per_epoch = steps_per_epoch(len(self.dataset), self.global_batch, world)
         self.loader = build_loader(self.dataset, self.sampler, self.local_batch, int(cfg.data.workers),
                                    pin_memory=self.device.type == "cuda")
         self.total_steps = int(cfg.optim.epochs) * self.steps_per_epoch

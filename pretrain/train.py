@@ -27,6 +27,7 @@ from common.errors import ConfigError
 from common.resnet import FEATURE_DIMS
 from common.stage import begin, hydra_main
 from pretrain import augment
+from pretrain.data_loading import build_dataset, steps_per_epoch
 from pretrain.engine import PretrainEngine
 from pretrain.methods import build_method
 
@@ -142,6 +143,14 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
         _check(folder.is_dir(), f"data.root/data.split = {str(folder)!r} is not a folder; fix: set data.root to the "
                                 "dataset root with <root>/<split>/<class>/<image> (ImageNet layout); for the embedded "
                                 "set run `make data` (= `python -m common.synthetic --out data/synthetic`)")
+    return merged
+
+
+def preflight(cfg: Any, world_size: int = 1) -> DictConfig:
+    """What `submit` checks before queueing: validate_config, then the training set itself (an empty or
+    unusable folder, fewer images than one global batch), read as the engine reads it."""
+    merged = validate_config(cfg, world_size)
+    steps_per_epoch(len(build_dataset(merged.data, transform=None)), int(merged.optim.batch_size), world_size)
     return merged
 
 

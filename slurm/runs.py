@@ -8,6 +8,7 @@ free name (``<name>_2``, ``<name>_3``, ...) so nothing already there is touched.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -15,8 +16,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from common.atomic import atomic_write_text
 from common.checkpoint import LAST_NAME
@@ -26,6 +29,7 @@ from .errors import SubmitError
 
 SUBMITIT_DIR = "submitit"
 SUBMISSIONS = "submissions.jsonl"
+LOCK = ".submit.lock"  # flock'ed around "is a job active? submit, record it" (not part of the run's content)
 
 NEW = "new"
 RESUME = "resume"
@@ -63,7 +67,7 @@ class RunState:
 def run_state(run_dir: Path) -> RunState:
     if is_complete(run_dir):
         return RunState(run_dir, COMPLETE)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()):
         return RunState(run_dir, RESUME)
     return RunState(run_dir, NEW)
 
@@ -96,11 +100,34 @@ def check_writable(run_dir: Path) -> None:
                           "fix: run_dir=<a folder you can write> or fix the permissions") from None
 
 
+_HELD: set[Path] = set()  # run locks this process holds (flock is per open file: re-taking one would block)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive lock on the run folder (created if missing) across processes and hosts sharing it: one
+    ``submit`` at a time checks for a live job, submits and records; others wait, then see that job."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = (run_dir / LOCK).resolve()
+    if path in _HELD:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        _HELD.add(path)
+        try:
+            yield
+        finally:
+            _HELD.discard(path)  # closing the file releases the lock
+
+
 def record_submission(run_dir: Path, record: dict) -> None:
-    """Appends one line to ``submissions.jsonl`` (rewritten atomically)."""
+    """Appends one line to ``submissions.jsonl`` (under the run lock, rewritten atomically: no line is lost
+    to a concurrent append, none is half-written)."""
     path = run_dir / SUBMISSIONS
-    old = path.read_text() if path.exists() else ""
-    atomic_write_text(path, old + json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}) + "\n")
+    with run_lock(run_dir):
+        old = path.read_text() if path.exists() else ""
+        atomic_write_text(path, old + json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}) + "\n")
 
 
 def read_submissions(run_dir: Path) -> list[dict]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from common.checkpoint import LAST_NAME
 from common.config import compose_config
 
 from .errors import SubmitError
@@ -45,6 +46,9 @@ class StageSpec:
     # Hydra stages validate_config(cfg, world_size=N) (raises ValueError naming key and fix),
     # detection preflight(config_file, opts).
     preflight: str = "validate_config"
+    # The pretraining-format checkpoint (common.checkpoint) the stage resumes from, relative to run_dir;
+    # the launcher reads it before queueing a resume, so an unreadable one fails now, not at job start.
+    resume_checkpoint: str | None = None
 
     @property
     def hydra_config_name(self) -> str:
@@ -78,7 +82,8 @@ class StageSpec:
 # The product stages (ARCHITECTURE.md, "Stage entry points"). input_paths lists the config keys that
 # name data or weights the stage reads; the launcher checks they exist before queueing anything.
 STAGES: dict[str, StageSpec] = {
-    "pretrain": StageSpec("pretrain", "pretrain.train", input_paths=("data.root", "data.train_dir")),
+    "pretrain": StageSpec("pretrain", "pretrain.train", input_paths=("data.root", "data.train_dir"),
+                          preflight="preflight", resume_checkpoint=LAST_NAME),
     "linear": StageSpec("linear", "transfer.linear",
                         input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
     "semi": StageSpec("semi", "transfer.semi",

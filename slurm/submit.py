@@ -29,6 +29,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.checkpoint import CheckpointError, load_checkpoint
 from common.errors import UserError
 from common.runlog import is_complete, save_config
 
@@ -58,6 +59,7 @@ from .runs import (
     check_writable,
     next_free_dir,
     record_submission,
+    run_lock,
     run_state,
 )
 from .stages import DETECTION, StageSpec, compose_stage_config, get_stage
@@ -110,9 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:  # SubmitError, ConfigError, a stage's own check: the message names the fix
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nsubmit: interrupted. Slurm jobs keep running (scancel <id> stops them); a local job was "
-              "interrupted with this terminal: submit the same command again to resume it.", file=sys.stderr)
+    except KeyboardInterrupt:  # before anything was queued (waiting is handled in _wait_or_report)
+        print("\nsubmit: interrupted", file=sys.stderr)
         return 130
 
 
@@ -169,6 +170,7 @@ def _plan_hydra(spec: StageSpec, args) -> Plan:
                           "the overrides") from None
     _preflight(spec, container, world_size=args.nodes * args.gpus)
     _check_inputs(spec, cfg)
+    _check_resume_checkpoint(spec, state)
     text = OmegaConf.to_yaml(OmegaConf.create(container))
     return Plan(spec, state, [StageJob(spec, container)], text, [str(run_dir)])
 
@@ -233,6 +235,21 @@ def _check_inputs(spec: StageSpec, cfg) -> None:
                               "`make data` (= `python -m common.synthetic --out data/synthetic`)")
 
 
+def _check_resume_checkpoint(spec: StageSpec, state: RunState) -> None:
+    """A resumed run's checkpoint must load (common.checkpoint.load_checkpoint, as the stage will)."""
+    if spec.resume_checkpoint is None or state.state != RESUME:
+        return
+    path = state.run_dir / spec.resume_checkpoint
+    if not path.exists():
+        return
+    try:
+        load_checkpoint(path)
+    except CheckpointError as e:
+        raise SubmitError(f"this run would resume from {path}, which is unusable: {e}; nothing was submitted; "
+                          f"fix: move {path.name} away to restart the run from scratch, or pass --new for a "
+                          "separate run") from None
+
+
 def _preflight(spec: StageSpec, *args, **kwargs) -> None:
     """The stage's own up-front check (config keys, batch divisible by the world size, data, weights)."""
     check = spec.preflight_function()
@@ -276,15 +293,35 @@ def _submit(args, argv: list[str]) -> int:
         return 0
 
     check_writable(run_dir)
-    active = active_jobs(run_dir)
-    if active and args.wait and all(a.record.get("cluster") == SLURM for a in active):
+    with run_lock(run_dir):  # check, submit and record as one step: two submits of a run cannot both queue
+        active = active_jobs(run_dir)
+        if active and not (args.wait and all(a.record.get("cluster") == SLURM for a in active)):
+            raise SubmitError(f"this run already has a job queued or running: {', '.join(map(str, active))}; "
+                              "nothing was submitted; fix: wait for it (or cancel it), or pass --new for a "
+                              "separate run")
+        if not active:
+            folder, jobs = _queue(plan, res, run_dir, argv)
+    if active:
         print(f"submit: this run already has job(s) {', '.join(map(str, active))}; waiting for them instead of "
               "submitting another")
-        return _finish(spec, run_dir, wait_for([_attach(a, run_dir) for a in active]))
-    if active:
-        raise SubmitError(f"this run already has a job queued or running: {', '.join(map(str, active))}; nothing was "
-                          "submitted; fix: wait for it (or cancel it), or pass --new for a separate run")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        return _finish(spec, run_dir, _wait_or_report([_attach(a, run_dir) for a in active]))
+    for job, label in zip(jobs, plan.labels):
+        print(f"submit: job {job.job_id} -> {label}")
+        print(f"submit:   logs {job.paths.stdout} (rank 0; {folder}/{job.job_id}_<rank>_log.out|err for all)")
+    if not args.wait:
+        cancel = "scancel " + " ".join(j.job_id for j in jobs) if res.cluster == SLURM else \
+            "kill -INT " + " ".join(j.job_id for j in jobs)
+        print(f"submit: follow with `tail -f {jobs[0].paths.stdout}`; stop with `{cancel}`; submitting the same "
+              "command again resumes the run")
+        if spec.kind == DETECTION:
+            print(f"submit: when all seeds are done: python -m transfer.detection.aggregate {run_dir}")
+        return 0
+    return _finish(spec, run_dir, _wait_or_report(jobs))
+
+
+def _queue(plan: Plan, res: Resources, run_dir: Path, argv: list[str]):
+    """Writes the config of a new run, submits its jobs and records them (the caller holds the run lock)."""
+    spec = plan.spec
     if spec.kind != DETECTION and plan.state.state == NEW:
         # A resumed run keeps the config.yaml it started with (the stage itself checks that the new
         # config may resume the checkpoint, and says what differs when it may not).
@@ -303,18 +340,35 @@ def _submit(args, argv: list[str]) -> int:
                                 "job_ids": [j.job_id for j in jobs], "nodes": res.nodes, "gpus": res.gpus,
                                 "command": "submit " + " ".join(shlex.quote(a) for a in argv),
                                 "cwd": os.getcwd()})
-    for job, label in zip(jobs, plan.labels):
-        print(f"submit: job {job.job_id} -> {label}")
-        print(f"submit:   logs {job.paths.stdout} (rank 0; {folder}/{job.job_id}_<rank>_log.out|err for all)")
-    if not args.wait:
-        cancel = "scancel " + " ".join(j.job_id for j in jobs) if res.cluster == SLURM else \
-            "kill -INT " + " ".join(j.job_id for j in jobs)
-        print(f"submit: follow with `tail -f {jobs[0].paths.stdout}`; stop with `{cancel}`; submitting the same "
-              "command again resumes the run")
-        if spec.kind == DETECTION:
-            print(f"submit: when all seeds are done: python -m transfer.detection.aggregate {run_dir}")
-        return 0
-    return _finish(spec, run_dir, wait_for(jobs))
+    return folder, jobs
+
+
+def _wait_or_report(jobs: list) -> int:
+    """wait_for(jobs); on Ctrl-C / SIGINT a local job is cancelled (it would otherwise run on, orphaned, with
+    nobody waiting), a Slurm job is left queued or running and the message says how to follow or stop it."""
+    import submitit
+
+    try:
+        return wait_for(jobs)
+    except KeyboardInterrupt:
+        slurm = [str(j.job_id) for j in jobs if isinstance(j, submitit.SlurmJob)]
+        local = [j for j in jobs if not isinstance(j, submitit.SlurmJob)]
+        for job in local:
+            job.cancel()  # SIGINT to submitit's local controller: it stops its tasks (SIGINT, then SIGKILL)
+        deadline = time.time() + 30
+        while any(j.state == "RUNNING" for j in local) and time.time() < deadline:
+            time.sleep(0.1)
+        print(file=sys.stderr)
+        if local:
+            state = "still stopping" if any(j.state == "RUNNING" for j in local) else "stopped"
+            print(f"submit: interrupted: cancelled the local job(s) {' '.join(str(j.job_id) for j in local)} "
+                  f"({state}; the checkpoint stays: submitting the same command again resumes the run)",
+                  file=sys.stderr)
+        if slurm:
+            print(f"submit: interrupted: Slurm job(s) {' '.join(slurm)} keep running; follow with `tail -f "
+                  f"{jobs[0].paths.stdout}`, stop with `scancel {' '.join(slurm)}`; the same command with --wait "
+                  "waits for them again", file=sys.stderr)
+        return 130
 
 
 def _finish(spec: StageSpec, run_dir: Path, status: int) -> int:

@@ -184,6 +184,40 @@ def test_pretrain_dry_run_checks_batch_and_data(tmp_path, monkeypatch, capsys):
     assert "not divisible" in _err(capsys)
 
 
+def test_pretrain_data_that_cannot_train_is_refused_before_queueing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty" / "train").mkdir(parents=True)  # data.split=train
+    assert main(["pretrain", "--cluster", "local", "--dry-run", f"data.root={tmp_path / 'empty'}"]) == 2
+    err = _err(capsys)
+    assert "pretrain stage rejects this setup" in err and "no usable class folders" in err
+    few = tmp_path / "few" / "train" / "cls"
+    few.mkdir(parents=True)
+    from PIL import Image
+
+    for k in range(5):
+        Image.new("RGB", (8, 8)).save(few / f"{k}.png")
+    assert main(["pretrain", "--cluster", "local", "--dry-run", f"data.root={tmp_path / 'few'}",
+                 "optim.batch_size=8"]) == 2
+    assert "has 5 images, fewer than one global batch of 8" in _err(capsys)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"\x80\x04truncated"])
+def test_pretrain_resume_from_an_unreadable_checkpoint_is_refused_before_queueing(tmp_path, monkeypatch, capsys,
+                                                                                  content):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "outputs" / "pretrain" / "broken"
+    run.mkdir(parents=True)
+    (run / "last.pth").write_bytes(content)
+    argv = ["pretrain", "--cluster", "local", "--dry-run", "--name", "broken",
+            f"data.root={ROOT}/data/synthetic/classification"]
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert f"would resume from {run / 'last.pth'}, which is unusable" in err and "could not be read" in err
+    assert "fix: move last.pth away" in err
+    assert main(argv + ["--new"]) == 0  # a fresh run does not read it
+    assert "name: broken_2" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------- run folders
 def test_complete_run_does_nothing(counter_env, capsys):
     run = counter_env / "outputs" / "counter" / "counter"
@@ -284,3 +318,52 @@ def test_folder_without_a_checkpoint_is_not_said_to_resume_from_one(counter_env,
     out = capsys.readouterr().out
     assert "holds no checkpoint" in out and "starts from the beginning" in out
     assert "from its last checkpoint" not in out
+
+
+def _weights_file(tmp_path: Path, kind: str) -> Path:
+    import pickle
+
+    import torch
+    import torchvision
+
+    if kind == "non-pickle":
+        path = tmp_path / "w.pkl"
+        path.write_text("this is not a weights file\n")
+    elif kind == "pth":
+        path = tmp_path / "w.pth"
+        torch.save({"model": torchvision.models.resnet18().state_dict()}, path)
+    else:  # a ResNet-18 in detectron2's pickle format, as intl-convert writes it
+        path = tmp_path / "r18.pkl"
+        sd = {k: v.numpy() for k, v in torchvision.models.resnet18().state_dict().items()}
+        with open(path, "wb") as f:
+            pickle.dump({"model": sd, "__author__": "test", "matching_heuristics": True}, f)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["non-pickle", "pth", "resnet18-pkl"])
+def test_real_detection_stage_checks_the_weights_before_queueing(synthetic_root, capsys, monkeypatch, tmp_path,
+                                                                 kind):
+    monkeypatch.chdir(ROOT)
+    weights = _weights_file(tmp_path, kind)
+    argv = ["detection", "--cluster", "local", "--dry-run", "--name", f"w-{kind}",
+            "--config-file", str(ROOT / "configs" / "detection" / "synthetic_R_50_C4.yaml"),
+            "MODEL.WEIGHTS", str(weights)]
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert "detection stage rejects this setup" in err and "fix:" in err
+    assert ("could not be loaded" in err) if kind == "non-pickle" else ("do not fit the backbone" in err), err
+
+
+def test_real_detection_stage_accepts_a_converted_resnet50(synthetic_root, capsys, monkeypatch, tmp_path):
+    import torch
+    import torchvision
+
+    from transfer.convert import convert
+
+    monkeypatch.chdir(ROOT)
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
+    convert(tmp_path / "r50.pth", tmp_path / "r50.pkl")
+    argv = ["detection", "--cluster", "local", "--dry-run", "--name", "w-ok",
+            "--config-file", str(ROOT / "configs" / "detection" / "synthetic_R_50_C4.yaml"),
+            "MODEL.WEIGHTS", str(tmp_path / "r50.pkl")]
+    assert main(argv) == 0, _err(capsys)

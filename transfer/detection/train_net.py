@@ -51,11 +51,34 @@ def _is_local_file_uri(weights: str) -> bool:
 
 
 def check_weights_file(cfg) -> None:
+    """MODEL.WEIGHTS exists and fits the model's backbone: loaded, as the run will load it (the checkpointer
+    that raises WeightsMismatchError), into the model built on the meta device (names and shapes only)."""
     w = cfg.MODEL.WEIGHTS
-    if _is_local_file_uri(w) and not Path(w).expanduser().is_file():
-        raise DetectionSetupError(f"MODEL.WEIGHTS {w} does not exist; fix: convert a pretraining checkpoint with "
-                                  "`intl-convert CHECKPOINT OUT.pkl` and pass OUT.pkl, or MODEL.WEIGHTS \"\" for "
-                                  "random init")
+    fix = ("fix: convert a pretraining checkpoint with `intl-convert CHECKPOINT OUT.pkl` and pass OUT.pkl, or "
+           "MODEL.WEIGHTS \"\" for random init")
+    if not _is_local_file_uri(w):
+        return
+    if not Path(w).expanduser().is_file():
+        raise DetectionSetupError(f"MODEL.WEIGHTS {w} does not exist; {fix}")
+    import warnings
+
+    from detectron2.modeling import build_model
+
+    from transfer.detection.weights import CheckedDetectionCheckpointer, WeightsMismatchError
+
+    meta = cfg.clone()
+    meta.defrost()
+    meta.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(meta)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+            CheckedDetectionCheckpointer(model).load(str(Path(w).expanduser()))
+    except WeightsMismatchError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the file is, it is not weights detectron2 can load
+        raise DetectionSetupError(f"MODEL.WEIGHTS {w} could not be loaded ({type(e).__name__}: {e}); {fix}") from None
 
 
 def preflight(config_file: str | os.PathLike, opts=(), world_size: int | None = None):
