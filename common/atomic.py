@@ -62,14 +62,27 @@ def write_errors_named(path: str | os.PathLike) -> Iterator[None]:
                          f"which means the disk is full or failing; fix: {_NO_SPACE}") from e
 
 
-def check_writable(folder: str | os.PathLike) -> Path:
-    """Creates ``folder`` and a temporary file in it (removed at once): a ``WriteError`` at the start of a
-    run rather than at its first checkpoint."""
+def check_writable(folder: str | os.PathLike, create: bool = True) -> Path:
+    """A ``WriteError`` now rather than at a run's first checkpoint: creates ``folder`` and a temporary file
+    in it (removed at once); with ``create=False`` (``submit``, which writes nothing before queueing) the
+    file goes into the nearest folder that exists. A real write: permission bits do not stop root."""
     folder = Path(folder)
+    probe = folder
+    if not create:
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise WriteError(f"cannot create the folder {folder}: {probe} exists and is not a folder; "
+                             "fix: choose another folder (run_dir= / --name)")
     with write_errors_named(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        probe.mkdir(parents=True, exist_ok=True)
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as e:
+            if e.errno in _WRITE_FIXES:
+                raise
+            raise WriteError(f"cannot write in {probe} ({e}); fix: {_NOT_WRITABLE}") from e
     return folder
 
 

@@ -14,7 +14,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from typing import Iterator
 from common.atomic import atomic_write_text
 from common.checkpoint import LAST_NAME
 from common.runlog import is_complete
-
-from .errors import SubmitError
 
 SUBMITIT_DIR = "submitit"
 SUBMISSIONS = "submissions.jsonl"
@@ -80,24 +77,6 @@ def next_free_dir(run_dir: Path) -> Path:
     while (candidate := run_dir.with_name(f"{run_dir.name}_{k}")).exists():
         k += 1
     return candidate
-
-
-def check_writable(run_dir: Path) -> None:
-    """Creating ``run_dir`` and files in it must work; checked by creating a file (works as root too)."""
-    probe = run_dir
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise SubmitError(f"cannot create the run folder {run_dir}: {probe} exists and is not a folder; "
-                          "fix: choose another run_dir= / --name")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise SubmitError(f"no write access to the output folder {run_dir} ({probe}: {e.strerror}); "
-                          "fix: run_dir=<a folder you can write> or fix the permissions") from None
 
 
 _HELD: set[Path] = set()  # run locks this process holds (flock is per open file: re-taking one would block)

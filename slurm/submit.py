@@ -29,6 +29,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.atomic import check_writable
 from common.checkpoint import CheckpointError, load_checkpoint
 from common.errors import UserError
 from common.runlog import is_complete, save_config
@@ -56,7 +57,6 @@ from .runs import (
     SUBMITIT_DIR,
     RunState,
     active_jobs,
-    check_writable,
     next_free_dir,
     record_submission,
     run_lock,
@@ -292,7 +292,7 @@ def _submit(args, argv: list[str]) -> int:
         _print_dry_run(plan, res, run_dir, checked)
         return 0
 
-    check_writable(run_dir)
+    check_writable(run_dir, create=False)
     with run_lock(run_dir):  # check, submit and record as one step: two submits of a run cannot both queue
         active = active_jobs(run_dir)
         if active and not (args.wait and all(a.record.get("cluster") == SLURM for a in active)):

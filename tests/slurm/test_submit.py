@@ -135,7 +135,7 @@ def test_unknown_stage_and_missing_stage(counter_env, capsys, monkeypatch):
     (["counter", "--nodes", "2"], "--cluster local runs processes on this machine only"),
     (["counter", "--mem-per-gpu", "lots"], "not a Slurm memory size"),
     (["counter", "--seeds", "3"], "detection options"),
-    (["counter", "run_dir=/proc/intl_no_write/run"], "no write access"),
+    (["counter", "run_dir=/proc/intl_no_write/run"], "cannot write in /proc"),
 ])
 def test_bad_input_is_refused_before_queueing(counter_env, capsys, argv, message):
     assert main(argv + ["--cluster", "local"]) == 2

@@ -36,6 +36,7 @@ from common.runlog import is_complete, mark_complete
 from transfer.detection.config import DetectionSetupError, adjust_for_run, load_config
 from transfer.detection.datasets import check_dataset_files, register_datasets
 from transfer.detection.report import write_run_outputs
+from transfer.detection.weights import CheckedDetectionCheckpointer, WeightsMismatchError
 
 logger = logging.getLogger("transfer.detection")
 LOGGER_NAMES = ("detectron2", "fvcore", "transfer.detection")
@@ -63,8 +64,6 @@ def check_weights_file(cfg) -> None:
     import warnings
 
     from detectron2.modeling import build_model
-
-    from transfer.detection.weights import CheckedDetectionCheckpointer, WeightsMismatchError
 
     meta = cfg.clone()
     meta.defrost()
