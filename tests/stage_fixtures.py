@@ -182,3 +182,25 @@ def random_backbone_file(path: Path, seed: int, finished: bool | None = None, st
     return save_checkpoint({"model": {BACKBONE_PREFIX + k: v for k, v in sd.items()}, "ema_model": None,
                             "epoch": 1, "step": step, "finished": finished,
                             "config": {"model": {"arch": "resnet18", "small_stem": True}}}, path)
+
+
+def build_engine(cfg):
+    """The pretraining engine of a composed config, in this process (no launcher)."""
+    from common.distributed import init_distributed
+    from pretrain.engine import PretrainEngine
+    from pretrain.train import validate_config
+
+    return PretrainEngine(validate_config(cfg), init_distributed())
+
+
+def nan_loss_at(engine, bad_step: int):
+    """Makes the objective return a NaN loss when the engine is at ``bad_step`` (0-based)."""
+    forward = engine.objective.forward
+
+    def patched(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if engine.step == bad_step:
+            out = {**out, "loss": out["loss"] * float("nan")}
+        return out
+
+    engine.objective.forward = patched

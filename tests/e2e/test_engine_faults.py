@@ -9,28 +9,7 @@ import torch
 
 from common.checkpoint import LAST_NAME, load_checkpoint
 from common.runlog import read_metrics
-from stage_fixtures import compose_pretrain, tiny_overrides
-
-
-def _engine(cfg):
-    from common.distributed import init_distributed
-    from pretrain.engine import PretrainEngine
-    from pretrain.train import validate_config
-
-    return PretrainEngine(validate_config(cfg), init_distributed())
-
-
-def _nan_at(engine, bad_step: int):
-    """Makes the objective return a NaN loss when the engine is at ``bad_step`` (0-based)."""
-    forward = engine.objective.forward
-
-    def patched(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        if engine.step == bad_step:
-            out = {**out, "loss": out["loss"] * float("nan")}
-        return out
-
-    engine.objective.forward = patched
+from stage_fixtures import build_engine, compose_pretrain, nan_loss_at, tiny_overrides
 
 
 def _state(engine) -> dict:
@@ -44,9 +23,9 @@ def test_skipped_step_leaves_every_parameter_and_buffer_bit_identical(tiny_synth
 
     cfg = compose_pretrain(tiny_overrides(tiny_synthetic, tmp_path / "run", "train.on_nonfinite=skip",
                                           "method.ema=true", "train.max_steps=3"))
-    engine = _engine(cfg)
+    engine = build_engine(cfg)
     assert engine.target is not None
-    _nan_at(engine, bad_step=1)
+    nan_loss_at(engine, bad_step=1)
     seen = {}
     step = E.train_step
 
@@ -76,7 +55,7 @@ def test_diverged_skip_run_never_writes_a_nonfinite_checkpoint(tiny_synthetic, t
     cfg = compose_pretrain(tiny_overrides(tiny_synthetic, tmp_path / "run", "method.beta=1e30",
                                           "train.on_nonfinite=skip", "optim.epochs=10", "train.max_steps=30",
                                           "train.ckpt_every_steps=5", "train.log_every=5"))
-    engine = _engine(cfg)
+    engine = build_engine(cfg)
     with pytest.raises(NonFiniteLossError) as err:
         engine.fit()
     msg = str(err.value)
@@ -94,8 +73,8 @@ def test_stop_before_the_first_checkpoint_says_there_is_none(tiny_synthetic, tmp
     from pretrain.engine import NonFiniteLossError
 
     cfg = compose_pretrain(tiny_overrides(tiny_synthetic, tmp_path / "run", "train.max_steps=3"))
-    engine = _engine(cfg)
-    _nan_at(engine, bad_step=0)
+    engine = build_engine(cfg)
+    nan_loss_at(engine, bad_step=0)
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet") as err:
         engine.fit()
     assert "step None" not in str(err.value) and "is intact" not in str(err.value)
@@ -114,13 +93,13 @@ def test_resume_after_a_torn_metrics_line_logs_every_step_once(tiny_synthetic, t
 
     run_dir = tmp_path / "run"
     cfg = compose_pretrain(tiny_overrides(tiny_synthetic, run_dir, "train.max_steps=5", "train.ckpt_every_steps=2"))
-    first = _engine(cfg)
-    _nan_at(first, bad_step=3)  # steps 1-3 logged, checkpoint at 2, stop at step 4
+    first = build_engine(cfg)
+    nan_loss_at(first, bad_step=3)  # steps 1-3 logged, checkpoint at 2, stop at step 4
     with pytest.raises(NonFiniteLossError):
         first.fit()
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "time": 17.0, "loss": 0.12')  # what a kill during a write leaves
-    summary = _engine(cfg).fit()
+    summary = build_engine(cfg).fit()
     assert summary["steps"] == 5
     rows = [r["step"] for r in read_metrics(run_dir)]
     tb = _tb_steps(run_dir, "loss")
@@ -136,7 +115,7 @@ def test_stale_temporary_checkpoints_are_removed_at_start_and_end(tiny_synthetic
     stale.write_bytes(b"\0" * 1024)
     other = run_dir / "notes.tmp.pth"  # not one of ours: kept
     other.write_bytes(b"x")
-    engine = _engine(compose_pretrain(tiny_overrides(tiny_synthetic, run_dir, "train.max_steps=2",
+    engine = build_engine(compose_pretrain(tiny_overrides(tiny_synthetic, run_dir, "train.max_steps=2",
                                                      "train.ckpt_every_steps=1")))
     save = engine.save
     left_during_run = []
@@ -160,9 +139,9 @@ def test_resume_with_another_max_steps_is_refused_naming_both(tiny_synthetic, tm
     from pretrain.train import run
 
     run_dir = tmp_path / "run"
-    first = _engine(compose_pretrain(tiny_overrides(tiny_synthetic, run_dir, "train.max_steps=4",
+    first = build_engine(compose_pretrain(tiny_overrides(tiny_synthetic, run_dir, "train.max_steps=4",
                                                     "train.ckpt_every_steps=1")))
-    _nan_at(first, bad_step=2)  # an unfinished run with its checkpoint at step 2
+    nan_loss_at(first, bad_step=2)  # an unfinished run with its checkpoint at step 2
     with pytest.raises(NonFiniteLossError):
         first.fit()
     before = (run_dir / LAST_NAME).read_bytes()

@@ -20,7 +20,7 @@ from pretrain.augment import AUG_KEYS
 from pretrain.data_loading import EpochShardSampler, SeededViews
 from pretrain.model import GlobalBatchNorm, SSLNetwork, build_projector, convert_sync_batchnorm, ema_update
 from pretrain.optim import ema_momentum_scheduler, lr_scheduler, param_groups, scaled_lr
-from stage_fixtures import compose_pretrain, tiny_overrides
+from stage_fixtures import build_engine, compose_pretrain, nan_loss_at, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -215,34 +215,14 @@ def test_unknown_preset_fails():
 
 
 # ------------------------------------------------------------------------------------------ engine
-def _engine(cfg):
-    from common.distributed import init_distributed
-    from pretrain.engine import PretrainEngine
-    from pretrain.train import validate_config
-
-    return PretrainEngine(validate_config(cfg), init_distributed())
-
-
-def _nan_at(engine, bad_step: int):
-    """Makes the objective return a NaN loss when the engine is at ``bad_step`` (0-based)."""
-    forward = engine.objective.forward
-
-    def patched(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        if engine.step == bad_step:
-            out = {**out, "loss": out["loss"] * float("nan")}
-        return out
-
-    engine.objective.forward = patched
-
 
 def test_nonfinite_loss_stops_cleanly_and_keeps_the_last_checkpoint(tiny_synthetic, tmp_path):
     from pretrain.engine import NonFiniteLossError
 
     cfg = compose_pretrain(tiny_overrides(tiny_synthetic, tmp_path / "run", "train.ckpt_every_steps=1",
                                           "train.max_steps=4"))
-    engine = _engine(cfg)
-    _nan_at(engine, bad_step=2)
+    engine = build_engine(cfg)
+    nan_loss_at(engine, bad_step=2)
     with pytest.raises(NonFiniteLossError, match=r"at step 3.*last checkpoint .*\(step 2\) is intact"):
         engine.fit()
     ckpt = load_checkpoint(tmp_path / "run" / LAST_NAME)
@@ -255,8 +235,8 @@ def test_nonfinite_loss_stops_cleanly_and_keeps_the_last_checkpoint(tiny_synthet
 def test_nonfinite_loss_skip_mode_leaves_weights_unchanged(tiny_synthetic, tmp_path):
     cfg = compose_pretrain(tiny_overrides(tiny_synthetic, tmp_path / "run", "train.on_nonfinite=skip",
                                           "train.max_steps=3"))
-    engine = _engine(cfg)
-    _nan_at(engine, bad_step=1)
+    engine = build_engine(cfg)
+    nan_loss_at(engine, bad_step=1)
     seen = {}
     step_fn = engine.optimizer.step
 
@@ -273,7 +253,7 @@ def test_nonfinite_loss_skip_mode_leaves_weights_unchanged(tiny_synthetic, tmp_p
 
 def test_checkpoint_interrupted_mid_write_leaves_the_previous_one(tiny_synthetic, tmp_path, monkeypatch):
     cfg = compose_pretrain(tiny_overrides(tiny_synthetic, tmp_path / "run", "train.max_steps=1"))
-    engine = _engine(cfg)
+    engine = build_engine(cfg)
     engine.fit()
     path = tmp_path / "run" / LAST_NAME
     before = path.read_bytes()

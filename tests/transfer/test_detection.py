@@ -16,6 +16,13 @@ from transfer.detection.config import DetectionSetupError, adjust_for_run, load_
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "detection"
 
 
+def synthetic_sets(synthetic_root) -> list[str]:
+    """The overrides that point the synthetic detection config at the embedded COCO-format set."""
+    coco = synthetic_root / "coco"
+    return ["INTL.COCO_JSON_SETS", repr([["synthetic_coco_train", str(coco / "instances_train.json"), str(coco)],
+                                         ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]])]
+
+
 def _build(cfg):
     from detectron2.modeling import build_model
 
@@ -196,10 +203,7 @@ def test_wrong_weights_stop_the_run_at_start(tmp_path, synthetic_root):
     assert model and not any(k.startswith("res4.") for k in model)
     path = tmp_path / "no_res4.pkl"
     path.write_bytes(pickle.dumps({"model": model, "__author__": "test", "matching_heuristics": True}))
-    coco = synthetic_root / "coco"
-    opts = ["INTL.COCO_JSON_SETS", repr([["synthetic_coco_train", str(coco / "instances_train.json"), str(coco)],
-                                         ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]]),
-            "MODEL.WEIGHTS", str(path), "SOLVER.MAX_ITER", "2"]
+    opts = [*synthetic_sets(synthetic_root), "MODEL.WEIGHTS", str(path), "SOLVER.MAX_ITER", "2"]
     out = tmp_path / "run"
     with pytest.raises(WeightsMismatchError) as e:
         run_task(str(CONFIGS / "synthetic_R_50_C4.yaml"), opts, str(out))
@@ -240,9 +244,7 @@ def test_aggregate_mean_std_and_incomplete_seeds(tmp_path):
 def test_preflight_checks_the_batch_against_the_world_size(synthetic_root):
     from transfer.detection.train_net import preflight
 
-    coco = synthetic_root / "coco"
-    opts = ["INTL.COCO_JSON_SETS", repr([["synthetic_coco_train", str(coco / "instances_train.json"), str(coco)],
-                                         ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]])]
+    opts = synthetic_sets(synthetic_root)
     assert preflight(CONFIGS / "synthetic_R_50_C4.yaml", opts, world_size=2).SOLVER.IMS_PER_BATCH == 4
     with pytest.raises(DetectionSetupError, match="IMS_PER_BATCH=4 is not divisible by the world size 3"):
         preflight(CONFIGS / "synthetic_R_50_C4.yaml", opts, world_size=3)
@@ -289,10 +291,8 @@ def test_trainer_hooks_cap_checkpoints_and_log_every_loss(tmp_path, synthetic_ro
     from transfer.detection.trainer import LossLog, Trainer
 
     assert load_config(CONFIGS / "coco_R_50_C4_1x.yaml").INTL.MAX_CHECKPOINTS_TO_KEEP == 2
-    coco = synthetic_root / "coco"
     cfg = load_config(CONFIGS / "synthetic_R_50_C4.yaml", [
-        "INTL.COCO_JSON_SETS", repr([["synthetic_coco_train", str(coco / "instances_train.json"), str(coco)],
-                                     ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]]),
+        *synthetic_sets(synthetic_root),
         "INTL.MAX_CHECKPOINTS_TO_KEEP", "3", "OUTPUT_DIR", str(tmp_path)])
     adjust_for_run(cfg, [], world_size=1, cuda=False)
     register_datasets(cfg)
@@ -313,10 +313,7 @@ def test_garbage_weights_file_is_named_with_the_fix(tmp_path, synthetic_root, na
 
     path = tmp_path / name
     path.write_bytes(content)
-    coco = synthetic_root / "coco"
-    opts = ["INTL.COCO_JSON_SETS", repr([["synthetic_coco_train", str(coco / "instances_train.json"), str(coco)],
-                                         ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]]),
-            "MODEL.WEIGHTS", str(path), "SOLVER.MAX_ITER", "2"]
+    opts = [*synthetic_sets(synthetic_root), "MODEL.WEIGHTS", str(path), "SOLVER.MAX_ITER", "2"]
     out = tmp_path / "run"
     with pytest.raises(UserError) as e:
         run_task(str(CONFIGS / "synthetic_R_50_C4.yaml"), opts, str(out))
