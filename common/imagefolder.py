@@ -7,9 +7,13 @@
 2. An image that cannot be decoded (corrupt, truncated, not an image) is skipped with a warning, once per
    file and process, and another sample (the next index that decodes) is returned instead, so a run
    never dies hours in because of one bad JPEG. Files found bad are remembered and not retried.
-3. ``num_skipped`` counts the skips of *all* DataLoader workers of this dataset: the counter lives in a
-   small shared-memory tensor with one slot per worker (no lost updates, works with fork and spawn).
-   Under DDP each rank has its own dataset, hence its own count; sum it over ranks if needed.
+3. ``num_skipped`` is the number of distinct unreadable files found by this process and *all* its
+   DataLoader workers: a shared-memory mask with one byte per sample, written inside the workers and read
+   in the parent (works with fork and spawn; a known-bad file is neither retried nor warned about twice).
+   Under DDP each rank has its own dataset: ``unreadable_files_all_ranks`` (a collective) gathers the files
+   of every rank, ``write_unreadable_list`` lists them in the run folder (``UNREADABLE_LIST``).
+4. ``bad_target`` (evaluations: ``transfer.classification.EXCLUDED``) labels a replacement sample with
+   that value instead of the neighbour's label, so that an evaluation can leave it out.
 
 Transforms that set ``accepts_lazy_image = True`` (the view pipelines of ``pretrain.augment``) receive the
 image *opened but not decoded*, so they can pick a reduced JPEG decode scale (PIL draft mode) before
@@ -25,9 +29,11 @@ from typing import Any, Callable
 
 import torch
 from PIL import Image
-from torch.utils.data import get_worker_info
+from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 
+from common.atomic import atomic_write_text
+from common.distributed import gather_rows, is_dist
 from common.errors import UserError
 
 LAYOUT_HELP = ("expected an ImageFolder layout: <root>/<class_name>/<image>.jpg (one sub-folder per class, "
@@ -38,7 +44,7 @@ LAYOUT_HELP = ("expected an ImageFolder layout: <root>/<class_name>/<image>.jpg 
 # bug in a transform and must propagate, not be hidden as a skipped sample.
 DECODE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError, EOFError)
 
-_MAX_WORKER_SLOTS = 256
+UNREADABLE_LIST = "unreadable_images.txt"
 
 
 class DataRootError(UserError, FileNotFoundError):
@@ -58,10 +64,11 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class RobustImageFolder(ImageFolder):
-    """ImageFolder that skips unreadable images (warns once per file, counts across workers)."""
+    """ImageFolder that skips unreadable images (warns once per file, counts distinct files across workers)."""
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
-                 target_transform: Callable | None = None, max_consecutive_skips: int = 64):
+                 target_transform: Callable | None = None, max_consecutive_skips: int = 64,
+                 bad_target: int | None = None):
         root = Path(root)
         if not root.is_dir():
             raise DataRootError(f"dataset root {str(root)!r} does not exist or is not a directory; {LAYOUT_HELP}")
@@ -71,24 +78,20 @@ class RobustImageFolder(ImageFolder):
             raise DataRootError(f"dataset root {str(root)!r} has no usable class folders ({e}); "
                                 f"{LAYOUT_HELP}") from None
         self.max_consecutive_skips = int(max_consecutive_skips)
-        # One int64 slot per DataLoader worker (slot 0 = the main process); shared memory so that the
-        # counts written inside worker processes are visible in the parent.
-        self._skip_counts = torch.zeros(_MAX_WORKER_SLOTS + 1, dtype=torch.int64).share_memory_()
-        self._bad: set[int] = set()
+        self.bad_target = bad_target
+        # One byte per sample (1 = unreadable), in shared memory: DataLoader workers write into the same
+        # memory, so the parent sees every file any worker found bad, each once.
+        self._bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
 
-    # ------------------------------------------------------------------ counters
+    # ------------------------------------------------------------------ unreadable files
     @property
     def num_skipped(self) -> int:
-        """Samples skipped so far in this process and all its DataLoader workers."""
-        return int(self._skip_counts.sum())
+        """Distinct unreadable files found so far by this process and all its DataLoader workers."""
+        return int(self._bad.sum())
 
-    def reset_skip_count(self) -> None:
-        self._skip_counts.zero_()
-
-    def _count_skip(self) -> None:
-        info = get_worker_info()
-        slot = 0 if info is None else 1 + info.id % _MAX_WORKER_SLOTS
-        self._skip_counts[slot] += 1
+    def unreadable_files(self) -> list[str]:
+        """Paths of the unreadable files found so far (this process and its workers), in dataset order."""
+        return [self.samples[i][0] for i in self._bad.nonzero().flatten().tolist()]
 
     # ------------------------------------------------------------------ loading
     def _load(self, index: int) -> tuple[Any, int]:
@@ -108,21 +111,45 @@ class RobustImageFolder(ImageFolder):
         last_error: BaseException | None = None
         for attempt in range(min(self.max_consecutive_skips, n)):
             i = (index + attempt) % n
-            if i in self._bad:  # known bad in this process: replace without retrying or warning again
-                self._count_skip()
+            if self._bad[i]:  # known bad (in any worker): replace without retrying or warning again
                 continue
             try:
-                return self._load(i)
+                sample, target = self._load(i)
             except DECODE_ERRORS as e:
                 last_error = e
-                self._bad.add(i)
-                self._count_skip()
+                self._bad[i] = 1
                 warnings.warn(f"skipping unreadable image {self.samples[i][0]!r} ({type(e).__name__}: {e}); "
                               f"another sample is used instead", RuntimeWarning, stacklevel=2)
+                continue
+            return sample, (target if attempt == 0 or self.bad_target is None else self.bad_target)
         raise RuntimeError(
             f"{self.max_consecutive_skips} consecutive images starting at index {index} of {self.root!r} could not "
             f"be decoded (last error: {last_error!r}); the dataset looks broken: check the files or the disk"
         ) from last_error
+
+
+def unreadable_files_all_ranks(dataset: Any, device: torch.device | str | None = None) -> list[str]:
+    """The distinct unreadable files every rank found in ``dataset`` (a RobustImageFolder, possibly inside a
+    torch ``Subset``; [] for other datasets), in dataset order. A collective: every rank must call it.
+    ``device``: where the gather runs (the process group's device; CPU for gloo)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if not isinstance(dataset, RobustImageFolder):
+        return []
+    bad = dataset._bad.clone()
+    if is_dist():
+        rows = gather_rows(bad.nonzero().flatten().to(device or "cpu"))
+        bad[rows.cpu()] = 1
+    return [dataset.samples[i][0] for i in bad.nonzero().flatten().tolist()]
+
+
+def write_unreadable_list(run_dir: str | os.PathLike, files: dict[str, list[str]]) -> Path | None:
+    """``run_dir/UNREADABLE_LIST``: one ``<split>\t<path>`` line per unreadable file (atomic); None and no
+    file when there is none."""
+    lines = [f"{split}\t{f}" for split, paths in files.items() for f in paths]
+    if not lines:
+        return None
+    return atomic_write_text(Path(run_dir) / UNREADABLE_LIST, "\n".join(lines) + "\n")
 
 
 def worker_init(worker_id: int) -> None:

@@ -130,5 +130,5 @@ def build_loader(dataset: Dataset, sampler: EpochShardSampler, batch_size: int, 
 
 
 def num_skipped(dataset: Dataset) -> int:
-    """Unreadable images skipped so far (RobustImageFolder counts them across its workers)."""
+    """Distinct unreadable images found so far by this process and its workers (RobustImageFolder)."""
     return int(getattr(dataset, "num_skipped", 0))

@@ -43,6 +43,7 @@ from common.atomic import atomic_write_text, remove_stale_temporaries, write_jso
 from common.checkpoint import LAST_NAME, load_checkpoint, save_checkpoint
 from common.distributed import DistInfo, all_reduce_mean, barrier, gather_with_grad
 from common.errors import ConfigError, UserError
+from common.imagefolder import unreadable_files_all_ranks, write_unreadable_list
 from pretrain.augment import build_view_transform
 from pretrain.data_loading import EpochShardSampler, build_dataset, build_loader, num_skipped, steps_per_epoch
 from pretrain.methods import build_method
@@ -467,9 +468,10 @@ class PretrainEngine:
     # ------------------------------------------------------------------ end of the run
     def _finish(self) -> dict:
         self.save(finished=True)
-        summary = None
+        summary, unreadable = None, unreadable_files_all_ranks(self.dataset, self.info.device)  # a collective
         if self.info.is_main:
             self._remove_stale_temporaries()
+            write_unreadable_list(self.run_dir, {"train": unreadable})
             rows = runlog.read_metrics(self.run_dir)
             plot_spectrum(rows, self.run_dir / "spectrum.png")
             plot_loss(rows, self.run_dir / "loss.png")
@@ -480,7 +482,7 @@ class PretrainEngine:
                 "epochs": self.step / self.steps_per_epoch, "final_loss": last.get("loss"),
                 "effective_rank": spec.get("effective_rank"), "lg_ioc": spec.get("lg_ioc"),
                 "world_size": self.info.world_size, "global_batch": self.global_batch,
-                "skipped_images": num_skipped(self.dataset), "nonfinite_skips": self.nonfinite_skips,
+                "skipped_images": len(unreadable), "nonfinite_skips": self.nonfinite_skips,
             }
             runlog.mark_complete(self.run_dir, summary)
             log.info("finished: %d steps; final loss %s; checkpoint %s", self.step, summary["final_loss"],

@@ -35,7 +35,12 @@ from common.checkpoint import CheckpointError
 from common.config import merge_onto_schema, to_plain
 from common.distributed import DistInfo, barrier, get_rank, get_world_size, is_dist
 from common.errors import ConfigError, UserError
-from common.imagefolder import RobustImageFolder, dataloader_defaults
+from common.imagefolder import (
+    RobustImageFolder,
+    dataloader_defaults,
+    unreadable_files_all_ranks,
+    write_unreadable_list,
+)
 from common.resnet import FEATURE_DIMS, build_resnet
 from common.runlog import MetricsLogger, mark_complete, save_config
 from common.schedule import StepSchedule
@@ -236,13 +241,20 @@ def eval_transform(d: DictConfig):
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(d.mean), list(d.std))])
 
 
-def image_folder(d: DictConfig, split_key: str, transform):
-    return RobustImageFolder(Path(d[split_key]), transform=transform)
+# The label of an unreadable image's replacement in an evaluated set: ``evaluate`` and the k-NN leave it out.
+EXCLUDED = -1
 
 
-def labelled_sets(d: DictConfig, train_tf, val_tf):
-    """The training and validation ImageFolders of ``d`` (``train_dir`` / ``val_dir``), same classes."""
-    train_ds, val_ds = image_folder(d, "train_dir", train_tf), image_folder(d, "val_dir", val_tf)
+def image_folder(d: DictConfig, split_key: str, transform, bad_target: int | None = None):
+    return RobustImageFolder(Path(d[split_key]), transform=transform, bad_target=bad_target)
+
+
+def labelled_sets(d: DictConfig, train_tf, val_tf, exclude_bad_train: bool = False):
+    """The training and validation ImageFolders of ``d`` (``train_dir`` / ``val_dir``), same classes. An
+    unreadable validation image (and a training one with ``exclude_bad_train``, the k-NN) is labelled
+    ``EXCLUDED``; a training set otherwise trains on the neighbour that replaces it."""
+    train_ds = image_folder(d, "train_dir", train_tf, EXCLUDED if exclude_bad_train else None)
+    val_ds = image_folder(d, "val_dir", val_tf, EXCLUDED)
     check_same_classes(train_ds, val_ds)
     return train_ds, val_ds
 
@@ -433,13 +445,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict:
-    """Top-1 / top-5 accuracy (percent) and mean loss over the whole (sharded) dataset."""
+    """Top-1 / top-5 accuracy (percent) and mean loss over the whole (sharded) dataset, leaving out the
+    samples labelled ``EXCLUDED`` (unreadable images); ``n`` is the number of images evaluated."""
     was_training = model.training
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, count
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        logits = model(images).float()
+        keep = targets != EXCLUDED
+        logits, targets = model(images).float()[keep], targets[keep]
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == targets[:, None]
         stats += torch.tensor([hits[:, 0].sum().item(), hits.any(1).sum().item(),
@@ -486,6 +500,15 @@ def results_record(stage: str, cfg: DictConfig, loaded: LoadedBackbone, info: Di
             "encoder": cfg.encoder,
             "weights_kind": loaded.kind, "arch": loaded.arch, "small_stem": loaded.small_stem,
             "feature_dim": loaded.feature_dim, "world_size": info.world_size, "config": to_plain(cfg)}
+
+
+def unreadable_images(run_dir: Path, info: DistInfo, **splits: Dataset) -> dict:
+    """``{counts, files}`` of the distinct unreadable images every rank found in each split (for results.json),
+    listed in ``run_dir/unreadable_images.txt`` (rank 0). A collective: every rank calls it."""
+    files = {split: unreadable_files_all_ranks(ds, info.device) for split, ds in splits.items()}
+    if info.is_main:
+        write_unreadable_list(run_dir, files)
+    return {"counts": {split: len(f) for split, f in files.items()}, "files": files}
 
 
 def finish(run_dir: Path, info: DistInfo, results: dict) -> dict | None:

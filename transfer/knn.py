@@ -23,6 +23,8 @@ from common.runlog import MetricsLogger, save_config
 from common.stage import begin, hydra_main
 from transfer import classification as C
 
+UNVISITED = -2  # a label no sample has (C.EXCLUDED = -1 marks unreadable images)
+
 
 def _sampler_indices(loader) -> list[int] | None:
     """The dataset indices this rank's loader visits, in order (None for a plain sequential loader)."""
@@ -69,11 +71,11 @@ def extract_features(backbone: torch.nn.Module, loader: Iterable, device: torch.
     all_idx, all_feats, all_labels = gather_rows(idx), gather_rows(feats), gather_rows(labels)
     n = int(all_idx.max().item()) + 1 if all_idx.numel() else 0
     out_feats = all_feats.new_zeros((n, all_feats.shape[1]))
-    out_labels = all_labels.new_full((n,), -1)
+    out_labels = all_labels.new_full((n,), UNVISITED)
     # Padding duplicates carry identical features, so writing them twice is harmless.
     out_feats[all_idx] = all_feats
     out_labels[all_idx] = all_labels
-    if (out_labels < 0).any():
+    if (out_labels == UNVISITED).any():
         raise RuntimeError("extract_features: some dataset indices were not visited by any rank")
     return out_feats, out_labels
 
@@ -122,6 +124,12 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
             "n_train": int(train.shape[0]), "n_test": int(n)}
 
 
+def _readable(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of readable images (unreadable ones are labelled ``C.EXCLUDED``)."""
+    keep = labels != C.EXCLUDED
+    return feats[keep], labels[keep]
+
+
 # ------------------------------------------------------------------------------------------ the stage
 STAGE = "knn"
 
@@ -142,7 +150,7 @@ def run(cfg) -> dict | None:
     if info.is_main:
         save_config(run_dir, cfg)
     transform = C.eval_transform(cfg.data)
-    train_ds, val_ds = C.labelled_sets(cfg.data, transform, transform)
+    train_ds, val_ds = C.labelled_sets(cfg.data, transform, transform, exclude_bad_train=True)
     loaded = C.build_model(cfg, num_classes=None)
     backbone = loaded.model.to(info.device)
     C.log.info("k-NN evaluation of %s (%s, %s, feature dim %d): %d train / %d val images, %d classes",
@@ -153,6 +161,8 @@ def run(cfg) -> dict | None:
                                   progress=info.is_main)
     va_f, va_y = extract_features(backbone, C.eval_loader(val_ds, cfg.knn.batch_size, cfg.data.workers), info.device,
                                   progress=info.is_main)
+    unreadable = C.unreadable_images(run_dir, info, train=train_ds, val=val_ds)
+    (tr_f, tr_y), (va_f, va_y) = (_readable(tr_f, tr_y), _readable(va_f, va_y))
     if tr_f.shape[1] != loaded.feature_dim:
         raise RuntimeError(f"the backbone gave {tr_f.shape[1]} features, "
                            f"expected {loaded.feature_dim} for {loaded.arch}")
@@ -172,7 +182,8 @@ def run(cfg) -> dict | None:
                    f"top-5 {weighted['top5']:.2f}" if weighted else "", time.time() - t0)
         results = C.results_record(
             STAGE, cfg, loaded, info, top1=plain["top1"], top5=plain["top5"], k=plain["k"], weighted=weighted,
-            epochs=0, subset=None, num_classes=n_cls, n_train=int(tr_f.shape[0]), n_val=int(va_f.shape[0]))
+            epochs=0, subset=None, num_classes=n_cls, n_train=int(tr_f.shape[0]), n_val=int(va_f.shape[0]),
+            unreadable_images=unreadable)
     return C.finish(run_dir, info, results or {})
 
 

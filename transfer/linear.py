@@ -73,11 +73,12 @@ def run(cfg: DictConfig) -> dict | None:
     finally:
         logger.close()
     C.log.info("frozen-backbone check passed: no backbone tensor changed")
+    unreadable = C.unreadable_images(run_dir, info, train=train_ds, val=val_ds)
     results = C.results_record(
         STAGE, cfg, loaded, info, top1=fit.final["top1"], top5=fit.final["top5"], best_top1=fit.best_top1,
         epochs=fit.epochs, steps=fit.steps, subset=None, num_classes=len(train_ds.classes), n_train=len(train_ds),
         n_val=fit.final.get("n", len(val_ds)), batch_size=cfg.optim.batch_size, lr=lr,
-        frozen_backbone_check="passed", history=fit.history)
+        frozen_backbone_check="passed", unreadable_images=unreadable, history=fit.history)
     if info.is_main:
         C.write_plot(run_dir, fit.history,
                      f"linear eval: {Path(str(cfg.weights)).name if cfg.weights else 'random init'}")

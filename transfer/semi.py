@@ -81,11 +81,12 @@ def run(cfg: DictConfig) -> dict | None:
             state_to_save=model.state_dict, state_to_load=model.load_state_dict, source=loaded.identity)
     finally:
         logger.close()
+    unreadable = C.unreadable_images(run_dir, info, train=train_ds, val=val_ds)
     results = C.results_record(
         STAGE, cfg, loaded, info, top1=fit.final["top1"], top5=fit.final["top5"], best_top1=fit.best_top1,
         epochs=fit.epochs, steps=fit.steps, subset=subset_info, num_classes=len(full_train.classes),
         n_train=len(train_ds), n_val=fit.final.get("n", len(val_ds)), batch_size=cfg.optim.batch_size,
-        backbone_lr=backbone_lr, classifier_lr=head_lr, history=fit.history)
+        backbone_lr=backbone_lr, classifier_lr=head_lr, unreadable_images=unreadable, history=fit.history)
     if info.is_main:
         C.write_plot(run_dir, fit.history, f"semi-supervised ({len(train_ds)} labelled)")
     return C.finish(run_dir, info, results)
