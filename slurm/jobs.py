@@ -20,7 +20,10 @@ from common.distributed import limit_cpu_threads
 
 from .stages import StageSpec
 
-_PORT_RANGE = (20000, 60000)
+# Below Linux's default ephemeral range (ip_local_port_range 32768-60999): the client sockets of earlier gloo /
+# TCPStore connections on the same host take ports from that range, and one of them (or its TIME_WAIT) on the
+# chosen port made a rendezvous fail with "Address already in use" (seen once in the demo test).
+_PORT_RANGE = (20000, 32767)
 
 
 def _in_slurm_step() -> bool:

@@ -108,7 +108,28 @@ def test_distributed_env_from_a_slurm_step(monkeypatch):
     out = export_distributed_env()
     assert (out["RANK"], out["WORLD_SIZE"], out["LOCAL_RANK"], out["LOCAL_WORLD_SIZE"]) == ("3", "4", "1", "2")
     assert out["MASTER_ADDR"] == "gpu07" and os.environ["RANK"] == "3"
-    assert 20000 <= int(out["MASTER_PORT"]) <= 60000
+    assert 20000 <= int(out["MASTER_PORT"]) <= 32767
+
+
+def test_rendezvous_ports_stay_below_the_ephemeral_range(monkeypatch):
+    """The port of a job's rendezvous is never one the kernel hands to client sockets (the cause of an
+    "Address already in use" rendezvous failure seen in the demo test)."""
+    from pathlib import Path
+
+    from slurm.jobs import export_distributed_env
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = []
+    for job_id in range(200):
+        for key in ("MASTER_PORT", "SUBMITIT_EXECUTOR"):
+            monkeypatch.delenv(key, raising=False)
+        for k, v in {"SLURM_JOB_ID": str(1000 + job_id), "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                     "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
+                     "SLURM_JOB_NODELIST": "vm"}.items():
+            monkeypatch.setenv(k, v)
+        ports.append(int(export_distributed_env()["MASTER_PORT"]))
+    print(f"200 jobs: ports {min(ports)}-{max(ports)}, ephemeral range starts at {low}")
+    assert max(ports) < low and len(set(ports)) > 150
 
 
 def test_no_launcher_env_means_one_process(monkeypatch):
