@@ -132,7 +132,8 @@ def read_backbone_weights(path_or_obj: str | os.PathLike | Mapping[str, Any],
     weights.identity = {
         "path": str(Path(source).resolve()) if sha256 else source, "sha256": sha256, "kind": kind, "encoder": encoder,
         "step": obj.get("step") if pretrain else None, "epoch": obj.get("epoch") if pretrain else None,
-        "finished": bool(obj.get("finished", False)) if pretrain else None}
+        "finished": bool(obj.get("finished", False)) if pretrain else None,
+        "snapshot": bool(obj.get("snapshot", False)) if pretrain else None}
     return weights
 
 

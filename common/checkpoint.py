@@ -33,6 +33,17 @@ FORMAT = "intl-pretrain"
 VERSION = 1
 BACKBONE_PREFIX = "backbone."
 LAST_NAME = "last.pth"
+SNAPSHOT_PATTERN = "epoch_{epoch}.pth"  # kept every train.keep_every_epochs epochs; "snapshot": True inside
+
+
+def snapshot_files(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The ``epoch_<N>.pth`` snapshots of a pretraining run folder, oldest first, as (N, path)."""
+    found = []
+    for p in Path(run_dir).glob("epoch_*.pth"):
+        tail = p.stem[len("epoch_"):]
+        if tail.isdigit():
+            found.append((int(tail), p))
+    return sorted(found)
 
 
 class CheckpointError(UserError, RuntimeError):

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common import runlog
 from common.atomic import atomic_write_text, remove_stale_temporaries, write_json
-from common.checkpoint import LAST_NAME, load_checkpoint, save_checkpoint
+from common.checkpoint import LAST_NAME, SNAPSHOT_PATTERN, load_checkpoint, save_checkpoint, snapshot_files
 from common.distributed import DistInfo, all_reduce_mean, barrier, gather_with_grad
 from common.errors import ConfigError, UserError
 from common.imagefolder import unreadable_files_all_ranks, write_unreadable_list
@@ -231,10 +231,12 @@ class PretrainEngine:
         return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
-    def save(self, finished: bool = False) -> None:
+    def save(self, finished: bool = False, snapshot: bool = False) -> None:
+        """``last.pth``; with ``snapshot`` also ``epoch_<N>.pth`` (a file never rewritten later, so evaluations
+        accept it although the run goes on), then the oldest snapshots beyond ``train.keep_snapshots`` go."""
         if not self.info.is_main:
             return
-        save_checkpoint({
+        state = {
             "model": self.net.state_dict(),
             "ema_model": self.target.state_dict() if self.target is not None else None,
             "optimizer": self.optimizer.state_dict(),
@@ -247,7 +249,16 @@ class PretrainEngine:
             "rng": self._rng_state(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "finished": finished,
-        }, self.ckpt_path)
+        }
+        save_checkpoint(state, self.ckpt_path)
+        if snapshot:
+            epoch = self.step // self.steps_per_epoch
+            path = save_checkpoint({**state, "snapshot": True}, self.run_dir / SNAPSHOT_PATTERN.format(epoch=epoch))
+            keep = int(self.cfg.train.keep_snapshots)
+            old = snapshot_files(self.run_dir)[:-keep] if keep else []
+            for _, p in old:
+                p.unlink(missing_ok=True)
+            log.info("snapshot %s kept%s", path, f"; removed {', '.join(p.name for _, p in old)}" if old else "")
 
     def _check_resumable(self, saved: dict) -> None:
         now = OmegaConf.to_container(self.cfg, resolve=True)
@@ -388,8 +399,10 @@ class PretrainEngine:
                     break
             at_epoch_end = self.step % self.steps_per_epoch == 0
             saved_now = bool(cfg.ckpt_every_steps) and self.step % cfg.ckpt_every_steps == 0
-            if at_epoch_end and not saved_now and self.step < self.total_steps:
-                self.save()  # end of an epoch
+            epochs_done = self.step // self.steps_per_epoch
+            snapshot = at_epoch_end and bool(cfg.keep_every_epochs) and epochs_done % cfg.keep_every_epochs == 0
+            if at_epoch_end and (snapshot or not saved_now) and self.step < self.total_steps:
+                self.save(snapshot=snapshot)  # end of an epoch (the final one is last.pth, finished)
 
     def _spectrum(self, z_local: torch.Tensor) -> dict | None:
         with torch.no_grad():

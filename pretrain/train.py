@@ -77,6 +77,8 @@ class TrainSchema:
     log_every: int = MISSING  # steps between metric rows / progress lines
     spectrum_every: int = MISSING  # steps between spectrum measurements (0: only at the end)
     ckpt_every_steps: int = MISSING  # steps between checkpoints (0: only at epoch ends); always per epoch
+    keep_every_epochs: int = MISSING  # also keep epoch_<N>.pth every N epochs (0: none)
+    keep_snapshots: int = MISSING  # how many epoch_<N>.pth to keep, the newest (0: all)
     max_steps: Optional[int] = MISSING  # cut the schedule at this many steps (quick runs, tests)
     on_nonfinite: str = MISSING  # stop | skip
     channels_last: bool = MISSING  # NHWC backbone and views
@@ -129,8 +131,8 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
     _check(t.on_nonfinite in NONFINITE_MODES,
            f"train.on_nonfinite={t.on_nonfinite!r}; choose one of {list(NONFINITE_MODES)}")
     _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
-    _check(t.spectrum_every >= 0 and t.ckpt_every_steps >= 0,
-           "train.spectrum_every and train.ckpt_every_steps must be >= 0")
+    counts = ("spectrum_every", "ckpt_every_steps", "keep_every_epochs", "keep_snapshots")
+    _check(all(t[k] >= 0 for k in counts), f"train.{', train.'.join(counts)} must be >= 0")
     _check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be null or >= 1, got {t.max_steps}")
     _check(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
     _check(isinstance(merged.method.get("name"), str), "method needs a name (choose with method=<name>)")

@@ -354,7 +354,8 @@ def build_model(cfg: DictConfig, num_classes: int | None) -> LoadedBackbone:
 
 
 # ------------------------------------------------------------------------------------------ source identity
-RANDOM_IDENTITY = {"path": None, "sha256": None, "kind": "random", "step": None, "epoch": None, "finished": None}
+RANDOM_IDENTITY = {"path": None, "sha256": None, "kind": "random", "step": None, "epoch": None, "finished": None,
+                   "snapshot": None}
 # Keys that do not change what a run computes; a resumed or completed run may differ in them.
 NEUTRAL_KEYS = ("data.workers", "train.log_every", "allow_unfinished")
 
@@ -366,14 +367,15 @@ class StaleRunError(UserError):
 def check_finished(identity: dict, allow_unfinished: bool) -> None:
     """A pretraining checkpoint not marked ``finished`` is refused unless ``allow_unfinished`` (then a loud
     warning; results.json records ``source.finished: false`` and the step)."""
-    if identity.get("finished") is not False:
-        return
+    if identity.get("finished") is not False or identity.get("snapshot"):
+        return  # a snapshot (epoch_<N>.pth) is a kept epoch of a run that goes on: never rewritten, so final
     what = (f"weights={identity['path']} is a pretraining checkpoint of step {identity['step']} (epoch "
             f"{identity['epoch']}) that is not marked finished: the pretraining is still running or was stopped")
     if not allow_unfinished:
         raise EvalConfigError(f"{what}; its results would not be the final model's. Fix: wait until the pretraining "
-                              "has finished (its run folder has COMPLETE), or pass allow_unfinished=true to evaluate "
-                              "this intermediate checkpoint (results.json then records finished: false and the step)")
+                              "has finished (its run folder has COMPLETE), evaluate a kept snapshot epoch_<N>.pth "
+                              "(train.keep_every_epochs), or pass allow_unfinished=true to evaluate this intermediate "
+                              "checkpoint (results.json then records finished: false and the step)")
     log.warning("WARNING: %s; evaluating it anyway (allow_unfinished=true); results.json records finished: false",
                 what)
 
