@@ -483,16 +483,17 @@ def lr_factor_schedule(o: DictConfig, total_steps: int, steps_per_epoch: int) ->
 
 
 # ------------------------------------------------------------------------------------------ run scaffolding
-def open_run(run_dir: Path, cfg: DictConfig, info: DistInfo, source: dict) -> MetricsLogger:
-    """config.yaml (rank 0) and the metrics logger (a no-op on the other ranks), after checking that a
-    classifier checkpoint to resume (``run_dir/last.pth``) is of the same weights and config
-    (``check_same_run``; before anything in the folder is rewritten)."""
+def open_run(run_dir: Path, cfg: DictConfig, info: DistInfo, source: dict) -> tuple[MetricsLogger, dict | None]:
+    """config.yaml (rank 0), the metrics logger (a no-op on the other ranks) and the classifier checkpoint
+    to resume (``run_dir/last.pth``, None for a new run), read once here and checked to be of the same
+    weights and config (``check_same_run``) before anything in the folder is rewritten."""
     ckpt = run_dir / "last.pth"
-    if ckpt.exists():
-        check_same_run(load_classifier_checkpoint(ckpt), cfg, source["sha256"], ckpt)
+    resume = load_classifier_checkpoint(ckpt) if ckpt.exists() else None
+    if resume is not None:
+        check_same_run(resume, cfg, source["sha256"], ckpt)
     if info.is_main:
         save_config(run_dir, cfg)
-    return MetricsLogger(run_dir, enabled=info.is_main)
+    return MetricsLogger(run_dir, enabled=info.is_main), resume
 
 
 def results_record(stage: str, cfg: DictConfig, loaded: LoadedBackbone, info: DistInfo, **figures: Any) -> dict:
@@ -587,15 +588,15 @@ def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_l
                    train_data: DataLoader, val_data: DataLoader, cfg: DictConfig, info: DistInfo,
                    run_dir: Path, logger: MetricsLogger, set_mode: Callable[[nn.Module], None],
                    state_to_save: Callable[[], dict], state_to_load: Callable[[dict], None],
-                   source: dict) -> FitResult:
+                   source: dict, resume: dict | None) -> FitResult:
     """The classifier training loop shared by linear and semi-supervised evaluation.
 
     ``peak_lrs``: one peak lr per optimizer param group, multiplied by the schedule every step.
     ``set_mode(model)`` puts the model in its training mode (linear: all eval; semi: train).
     ``state_to_save()`` / ``state_to_load(state)``: the model tensors this stage checkpoints (linear: fc only).
     ``source``: the weights' identity (``LoadedBackbone.identity``), saved in the checkpoint.
-    Resumes from ``run_dir/last.pth`` (written atomically after every epoch by rank 0; ``open_run`` has
-    checked that it is of the same weights and config).
+    ``resume``: the ``run_dir/last.pth`` that ``open_run`` read and checked (same weights and config), or
+    None; that file is rewritten atomically after every epoch by rank 0.
     """
     o, t = cfg.optim, cfg.train
     steps_per_epoch = len(train_data)
@@ -608,8 +609,8 @@ def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_l
     factor = lr_factor_schedule(o, total, steps_per_epoch)
     start_epoch, best, history = 0, 0.0, []
     ckpt = run_dir / "last.pth"
-    if ckpt.exists():
-        saved = load_classifier_checkpoint(ckpt)
+    if resume is not None:
+        saved = resume
         try:
             state_to_load(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])

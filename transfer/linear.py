@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> dict | None:
     lr = cfg.optim.base_lr * cfg.optim.batch_size / 256.0
     optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     net = C.data_parallel(model, info)
-    logger = C.open_run(run_dir, cfg, info, loaded.identity)
+    logger, resume = C.open_run(run_dir, cfg, info, loaded.identity)
     C.log.info("linear evaluation of %s (%s, %s, feature dim %d) on %s: %d train / %d val images, %d classes",
                loaded.source, loaded.arch, loaded.kind, loaded.feature_dim, cfg.data.root, len(train_ds), len(val_ds),
                len(train_ds.classes))
@@ -68,7 +68,8 @@ def run(cfg: DictConfig) -> dict | None:
             train_data=C.train_loader(train_ds, cfg.optim.batch_size, cfg.seed, cfg.data.workers),
             val_data=C.eval_loader(val_ds, cfg.optim.batch_size, cfg.data.workers),
             cfg=cfg, info=info, run_dir=run_dir, logger=logger, set_mode=linear_mode,
-            state_to_save=lambda: model.fc.state_dict(), state_to_load=model.fc.load_state_dict, source=loaded.identity)
+            state_to_save=lambda: model.fc.state_dict(), state_to_load=model.fc.load_state_dict, source=loaded.identity,
+            resume=resume)
         C.check_frozen(model, snapshot)
     finally:
         logger.close()

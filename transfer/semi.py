@@ -66,7 +66,7 @@ def run(cfg: DictConfig) -> dict | None:
               {"params": list(model.fc.parameters()), "lr": head_lr}]
     optimizer = torch.optim.SGD(groups, lr=head_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     net = C.data_parallel(model, info)
-    logger = C.open_run(run_dir, cfg, info, loaded.identity)
+    logger, resume = C.open_run(run_dir, cfg, info, loaded.identity)
     C.log.info("semi-supervised fine-tuning of %s (%s, %s, feature dim %d): %d labelled of %d train images "
                "(%s), %d val images, %d classes; backbone lr %.4g, classifier lr %.4g", loaded.source, loaded.arch,
                loaded.kind, loaded.feature_dim, len(train_ds), len(full_train),
@@ -78,7 +78,7 @@ def run(cfg: DictConfig) -> dict | None:
             train_data=C.train_loader(train_ds, cfg.optim.batch_size, cfg.seed, cfg.data.workers),
             val_data=C.eval_loader(val_ds, cfg.optim.batch_size, cfg.data.workers),
             cfg=cfg, info=info, run_dir=run_dir, logger=logger, set_mode=lambda m: m.train(),
-            state_to_save=model.state_dict, state_to_load=model.load_state_dict, source=loaded.identity)
+            state_to_save=model.state_dict, state_to_load=model.load_state_dict, source=loaded.identity, resume=resume)
     finally:
         logger.close()
     unreadable = C.unreadable_images(run_dir, info, train=train_ds, val=val_ds)
