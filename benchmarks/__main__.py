@@ -3,7 +3,8 @@
 Outputs (atomically) ``benchmarks/results/<YYYY-MM-DD>.json`` (every repeat, the machine description),
 ``<date>.md`` (the table: median, min, max, ratio to the baseline) and ``<date>.png`` (the ratios).
 Benchmarks: ``whitening`` (IterNorm vs eigendecomposition: time and robustness counts), ``step`` (full
-INTL training step vs a trivial loss, peak RSS), ``pipeline`` (pretraining augmentation, images/s/core,
+INTL training step vs a trivial loss, peak RSS), ``probe`` (the step with the monitor's online probe vs
+without), ``pipeline`` (pretraining augmentation, images/s/core,
 vs the reference code's PIL pipeline). ``--quick`` runs each once at tiny sizes (the smoke test).
 """
 
@@ -15,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import bench_pipeline, bench_step, bench_whitening, report
+from benchmarks import bench_pipeline, bench_probe, bench_step, bench_whitening, report
 from benchmarks.common import add_ratios, machine_info, set_threads
 
-BENCHMARKS = ("whitening", "step", "pipeline")
+BENCHMARKS = ("whitening", "step", "probe", "pipeline")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             rows += bench_whitening.run(full=args.full, **common)
         elif name == "step":
             rows += bench_step.run(**common)
+        elif name == "probe":
+            rows += bench_probe.run(**common)
         elif name == "pipeline":
             rows += bench_pipeline.run(num_images=args.images, **common)
         timings[name] = round(time.perf_counter() - t0, 1)

@@ -94,6 +94,14 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(_GatherWithGrad.apply(x), dim=0)
 
 
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks (no gradient, a new tensor); a copy in one process."""
+    y = x.detach().clone()
+    if is_dist():
+        dist.all_reduce(y)
+    return y
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (no gradient); identity in one process."""
     if not is_dist():

@@ -48,8 +48,10 @@ from pretrain.augment import build_view_transform
 from pretrain.data_loading import EpochShardSampler, build_dataset, build_loader, num_skipped, steps_per_epoch
 from pretrain.methods import build_method
 from pretrain.model import build_network, convert_sync_batchnorm, ema_update, make_momentum_copy
+from pretrain.monitor import OnlineProbe, build_monitor_sets, num_classes_of
+from pretrain.monitor import evaluate as monitor_evaluate
 from pretrain.optim import build_optimizer, ema_momentum_scheduler, lr_scheduler, scaled_lr, set_lr
-from pretrain.plots import plot_loss, plot_spectrum
+from pretrain.plots import plot_loss, plot_monitor, plot_spectrum
 from pretrain.spectrum import covariance_spectrum, effective_rank, lg_ioc
 
 log = logging.getLogger("pretrain")
@@ -221,10 +223,60 @@ class PretrainEngine:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
+        # The monitor: an online linear probe on the backbone features of the first online view (captured by
+        # a forward hook, detached) and the periodic k-NN, both evaluated on the validation split.
+        self.probe = self._build_probe()
+        self.monitor_sets = build_monitor_sets(cfg, self.dataset) if self.probe is not None or \
+            cfg.train.knn_every else None
+        self._capturing, self._probe_input = False, None
+        if self.probe is not None:
+            self.net.backbone.register_forward_hook(self._capture_probe_input)
+
         self.step = 0
         self.nonfinite_skips = 0
         self.last_spectrum: dict | None = None
         self.logger: runlog.MetricsLogger | None = None
+
+    # ------------------------------------------------------------------ monitor
+    def _build_probe(self) -> OnlineProbe | None:
+        want, classes = self.cfg.train.online_probe, num_classes_of(self.dataset)
+        if want is None:
+            want = bool(classes and classes >= 2)  # on when the training set has labels
+        if not want:
+            return None
+        if not classes or classes < 2:
+            raise ConfigError(f"train.online_probe=true but the training set has {classes or 0} class(es), so no "
+                              "labels to probe with; fix: train.online_probe=false (or null: on when there are labels)")
+        return OnlineProbe(self.net.backbone.feature_dim, classes, float(self.cfg.train.probe_lr), self.device,
+                           self.info.world_size)
+
+    def _capture_probe_input(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if self._capturing:  # the first backbone call of a step: the first online view
+            self._probe_input, self._capturing = output.detach(), False
+
+    def _monitor_due(self, last: bool) -> tuple[bool, bool]:
+        """(probe validation due, k-NN due) after this step: at the epoch ends of their periods, and at the end."""
+        t = self.cfg.train
+        if self.monitor_sets is None or self.monitor_sets.val is None:
+            return False, False
+        epoch_end = self.step % self.steps_per_epoch == 0
+        epochs = self.step // self.steps_per_epoch
+        probe = self.probe is not None and (last or (epoch_end and bool(t.eval_every) and epochs % t.eval_every == 0))
+        knn = bool(t.knn_every) and (last or (epoch_end and epochs % t.knn_every == 0))
+        return probe, knn
+
+    def _monitor(self, last: bool) -> None:
+        probe_due, knn_due = self._monitor_due(last)
+        if not (probe_due or knn_due):
+            return
+        t0 = time.time()
+        row = monitor_evaluate(self.net.backbone, self.monitor_sets, self.probe if probe_due else None, knn_due,
+                               self.cfg.train, int(self.cfg.data.workers), self.device)
+        if self.info.is_main and row:
+            self.logger.log(self.step, epoch=self.step / self.steps_per_epoch, **row)
+            shown = ", ".join(f"{k} {row[k]:.2f}" for k in ("probe_val_top1", "knn_top1") if k in row)
+            log.info("monitor at epoch %.2f (step %d): %s [%.1fs]", self.step / self.steps_per_epoch, self.step, shown,
+                     time.time() - t0)
 
     # ------------------------------------------------------------------ checkpoints
     def _rng_state(self) -> dict:
@@ -249,6 +301,7 @@ class PretrainEngine:
             "rng": self._rng_state(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "finished": finished,
+            "probe": self.probe.state() if self.probe is not None else None,
         }
         save_checkpoint(state, self.ckpt_path)
         if snapshot:
@@ -289,6 +342,12 @@ class PretrainEngine:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.probe is not None:
+            if ckpt.get("probe"):
+                self.probe.load_state(ckpt["probe"])
+            else:
+                log.warning("%s holds no online-probe state (written without train.online_probe); the probe starts "
+                            "from zero at step %s", self.ckpt_path, ckpt["step"])
         self.step = int(ckpt["step"])
         rng = ckpt.get("rng") or {}
         if "torch" in rng:
@@ -366,12 +425,17 @@ class PretrainEngine:
         while self.step < self.total_steps:
             epoch = self.step // self.steps_per_epoch
             self.sampler.set_epoch(epoch, start_batch=self.step - epoch * self.steps_per_epoch)
-            for views, _ in self.loader:
+            for views, labels in self.loader:
                 views = [v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views]
                 lr = self.lr_at(self.step)
                 set_lr(self.optimizer, lr)
+                self._capturing = self.probe is not None
                 res = train_step(self.model, self.objective, self.optimizer, views, self.target, self.scaler,
                                  self.amp_dtype)
+                self._capturing = False
+                if self.probe is not None and res.finite:
+                    self.probe.step(self._probe_input, labels.to(self.device, non_blocking=True))
+                self._probe_input = None
                 if not res.finite:
                     consecutive_skips += 1
                     self._on_nonfinite(res, lr, consecutive_skips)
@@ -387,12 +451,15 @@ class PretrainEngine:
                 spectrum = None
                 if want_spectrum and res.finite:
                     spectrum = self._spectrum(res.online[0])
-                if last or self.step % cfg.log_every == 0 or spectrum is not None:
+                # The same decision on every process (the probe's count is a collective): not ``spectrum``, rank 0's.
+                if last or self.step % cfg.log_every == 0 or (want_spectrum and res.finite):
                     now = time.time()
                     ips = (self.step - step_log) * self.global_batch / max(now - t_log, 1e-9)
                     eta = (now - t_start) / max(self.step - start_step, 1) * (self.total_steps - self.step)
-                    self._log(res, lr, momentum, ips, eta, spectrum)
+                    probe_top1 = self.probe.take_train_top1() if self.probe is not None else None
+                    self._log(res, lr, momentum, ips, eta, spectrum, probe_top1)
                     t_log, step_log = now, self.step
+                self._monitor(last)  # before a checkpoint of this step, so a resume from it keeps the figures
                 if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and not last:
                     self.save()
                 if last:
@@ -413,7 +480,7 @@ class PretrainEngine:
         return self.last_spectrum
 
     def _log(self, res: StepOutput, lr: float, momentum: float | None, ips: float, eta: float,
-             spectrum: dict | None) -> None:
+             spectrum: dict | None, probe_top1: float | None = None) -> None:
         if not self.info.is_main:
             return
         parts = {k: _scalar(v) for k, v in res.out.items()}
@@ -422,15 +489,18 @@ class PretrainEngine:
                      "skipped_images": num_skipped(self.dataset), "nonfinite_skips": self.nonfinite_skips}
         if momentum is not None:
             row["ema_momentum"] = momentum
+        if probe_top1 is not None:
+            row["probe_train_top1"] = probe_top1
         if spectrum is not None:
             row.update({k: v for k, v in spectrum.items() if k != "step"})
         self.logger.log(self.step, **row)
         loss_txt = " ".join(f"{k} {parts[k]:.4f}" for k in ("loss", "align", "trace") if k in parts)
         extra = f" m {momentum:.5f}" if momentum is not None else ""
         spec = f" erank {spectrum['effective_rank']:.1f} lgIoC {spectrum['lg_ioc']:.2f}" if spectrum else ""
-        log.info("epoch %.2f/%.2f step %d/%d %s lr %.4g%s%s | %.1f img/s | ETA %s", self.step / self.steps_per_epoch,
+        probe = f" probe top-1 {probe_top1:.1f}" if probe_top1 is not None else ""
+        log.info("epoch %.2f/%.2f step %d/%d %s lr %.4g%s%s%s | %.1f img/s | ETA %s", self.step / self.steps_per_epoch,
                  self.total_steps / self.steps_per_epoch, self.step, self.total_steps, loss_txt, lr, extra, spec,
-                 ips, _fmt_time(eta))
+                 probe, ips, _fmt_time(eta))
 
     def _on_nonfinite(self, res: StepOutput, lr: float, consecutive: int) -> None:
         step = self.step + 1
@@ -488,7 +558,10 @@ class PretrainEngine:
             rows = runlog.read_metrics(self.run_dir)
             plot_spectrum(rows, self.run_dir / "spectrum.png")
             plot_loss(rows, self.run_dir / "loss.png")
+            plot_monitor(rows, self.run_dir / "monitor.png")
             last = next((r for r in reversed(rows) if "loss" in r), {})
+            latest = {k: next((r[k] for r in reversed(rows) if k in r), None)
+                      for k in ("probe_train_top1", "probe_val_top1", "knn_top1")}
             spec = self.last_spectrum or next((r for r in reversed(rows) if "effective_rank" in r), {})
             summary = {
                 "run_dir": str(self.run_dir), "checkpoint": str(self.ckpt_path), "steps": self.step,
@@ -496,6 +569,7 @@ class PretrainEngine:
                 "effective_rank": spec.get("effective_rank"), "lg_ioc": spec.get("lg_ioc"),
                 "world_size": self.info.world_size, "global_batch": self.global_batch,
                 "skipped_images": len(unreadable), "nonfinite_skips": self.nonfinite_skips,
+                **{k: v for k, v in latest.items() if v is not None},
             }
             runlog.mark_complete(self.run_dir, summary)
             log.info("finished: %d steps; final loss %s; checkpoint %s", self.step, summary["final_loss"],

@@ -59,3 +59,30 @@ def plot_loss(rows: Sequence[dict], path: str | os.PathLike,
     ax.legend()
     ax.grid(alpha=0.3)
     return save_figure(fig, path, bbox_inches="tight")
+
+
+def plot_monitor(rows: Sequence[dict], path: str | os.PathLike) -> Path | None:
+    """``monitor.png``: the loss, the online probe's train / validation top-1 and the k-NN monitor's top-1
+    against the epoch; returns None when no row has a probe or k-NN figure."""
+    acc_keys = {"probe_train_top1": "probe, train (running)", "probe_val_top1": "probe, validation",
+                "knn_top1": "k-NN (weighted), validation"}
+    if not any(k in r for r in rows for k in acc_keys):
+        return None
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    losses = [r for r in rows if isinstance(r.get("loss"), (int, float))]
+    ax_loss.plot([r["epoch"] for r in losses], [r["loss"] for r in losses], lw=1.5)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("Pretraining loss")
+    ax_loss.grid(alpha=0.3)
+    for key, label in acc_keys.items():
+        pts = [r for r in rows if isinstance(r.get(key), (int, float))]
+        if pts:
+            marker = None if key == "probe_train_top1" else "o"  # the running train figure: a line
+            ax_acc.plot([r["epoch"] for r in pts], [r[key] for r in pts], marker=marker, ms=3, lw=1.2, label=label)
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("top-1 (%)")
+    ax_acc.set_title("Monitor: online linear probe and k-NN")
+    ax_acc.legend(fontsize=8)
+    ax_acc.grid(alpha=0.3)
+    return save_figure(fig, path, bbox_inches="tight")

@@ -46,6 +46,10 @@ class DataSchema:
     kind: str = MISSING  # imagefolder | cifar10 | cifar100
     root: str = MISSING
     split: str = MISSING  # sub-folder of root holding the training images ("" = root itself)
+    val_split: Optional[str] = MISSING  # the monitor's validation split: a folder beside split (CIFAR: any value =
+    #                                     the test set); null: none (probe train top-1 only, no k-NN monitor)
+    eval_resize: int = MISSING  # the monitor's evaluation view: resize the shorter side, then centre-crop
+    eval_crop: int = MISSING
     workers: int = MISSING  # DataLoader workers per process
     augment: Dict[str, Any] = MISSING  # pretrain.augment keys, validated and written out in full there
 
@@ -83,6 +87,14 @@ class TrainSchema:
     on_nonfinite: str = MISSING  # stop | skip
     channels_last: bool = MISSING  # NHWC backbone and views
     ddp_bucket_mb: float = MISSING  # DistributedDataParallel bucket_cap_mb
+    online_probe: Optional[bool] = MISSING  # linear probe on detached features; null: on when the data has labels
+    probe_lr: float = MISSING  # the probe's own SGD (momentum 0.9)
+    eval_every: int = MISSING  # epochs between the probe's validation passes (0: only at the end)
+    knn_every: int = MISSING  # epochs between k-NN monitor passes (0: off)
+    knn_train_images: int = MISSING  # the fixed training subset the k-NN votes from
+    knn_k: int = MISSING
+    knn_temperature: float = MISSING
+    monitor_batch_size: int = MISSING  # GLOBAL batch of the monitor's feature extraction
 
 
 @dataclass
@@ -135,6 +147,13 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
     _check(all(t[k] >= 0 for k in counts), f"train.{', train.'.join(counts)} must be >= 0")
     _check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be null or >= 1, got {t.max_steps}")
     _check(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
+    _check(d.eval_resize >= 1 and 1 <= d.eval_crop <= d.eval_resize,
+           f"data.eval_resize={d.eval_resize} / data.eval_crop={d.eval_crop}: need 1 <= eval_crop <= eval_resize")
+    _check(t.probe_lr > 0, f"train.probe_lr must be > 0, got {t.probe_lr}")
+    monitor = ("eval_every", "knn_every")
+    _check(all(t[k] >= 0 for k in monitor), f"train.{', train.'.join(monitor)} must be >= 0")
+    _check(t.knn_train_images >= 1 and t.knn_k >= 1 and t.monitor_batch_size >= 1 and t.knn_temperature > 0,
+           "train.knn_train_images, train.knn_k, train.monitor_batch_size must be >= 1 and train.knn_temperature > 0")
     _check(isinstance(merged.method.get("name"), str), "method needs a name (choose with method=<name>)")
     try:  # the method's own keys and values, checked by the registry that builds it (before anything is queued)
         build_method(merged.method, global_batch=o.batch_size, world_size=world_size)

@@ -66,7 +66,8 @@ def synthetic_pretraining(synthetic_root, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("pretrain") / "intl_synthetic"
     cfg = compose_config("pretrain", ["pretrain/preset=synthetic", f"data.root={synthetic_root / 'classification'}",
-                                      f"run_dir={run_dir}", "train.max_steps=150", "train.spectrum_every=0"])
+                                      f"run_dir={run_dir}", "train.max_steps=150", "train.spectrum_every=0",
+                                      "train.eval_every=2"])
     summary = run(cfg)
     assert summary["steps"] == 150 and (run_dir / "last.pth").is_file()
     return cfg, summary

@@ -41,7 +41,7 @@ PROFILES = {
     # `make demo`: about 16 minutes here with .venv built (README).
     "demo": {
         "data": [],
-        "resnet18": ["train.spectrum_every=25"],
+        "resnet18": ["train.spectrum_every=25", "train.eval_every=2"],  # the online probe's curve: 10 points
         "resnet50": ["pretrain/model=resnet50", "model.projector=[512,512,512]", "optim.epochs=10",
                      "train.spectrum_every=25"],
         "knn": [],
@@ -198,6 +198,10 @@ def pretrain_summary(run_dir: Path) -> dict:
                "loss_last": losses[-1]["loss"] if losses else None}
     if spectra:
         summary.update(eff_rank_first=spectra[0]["effective_rank"], eff_rank_last=spectra[-1]["effective_rank"])
+    for key in ("probe_val_top1", "knn_top1"):  # the monitor's last figures (pretrain/monitor.py)
+        last = next((r[key] for r in reversed(rows) if isinstance(r.get(key), (int, float))), None)
+        if last is not None:
+            summary[f"{key}_last"] = last
     return summary
 
 

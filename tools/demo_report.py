@@ -74,6 +74,19 @@ def plot_pretrain(outputs: Path, out: Path) -> list[str]:
         made.append("pretrain_loss.png")
     else:
         plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))  # the pretraining monitor: online probe and k-NN on the val split
+    for arch, rows in runs.items():
+        for key, what in (("probe_val_top1", "online probe"), ("knn_top1", "k-NN monitor")):
+            pts = [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=f"{arch}, {what}")
+    if ax.lines:
+        ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="during pretraining (chance 10%)")
+        ax.legend(fontsize=7)
+        _save(fig, out / "pretrain_monitor.png")
+        made.append("pretrain_monitor.png")
+    else:
+        plt.close(fig)
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.4), squeeze=False)
     drawn = False
     for ax, (arch, rows) in zip(axes[0], runs.items()):
@@ -140,7 +153,9 @@ def write_report(demo_dir: Path, results: dict, commands: dict, times: dict, tot
         lines.append(f"- Pretraining {arch}: {p.get('steps')} steps, loss {_fmt(p.get('loss_first'), 3)} -> "
                      f"{_fmt(p.get('loss_last'), 3)}"
                      + (f", effective rank {_fmt(p.get('eff_rank_first'))} -> {_fmt(p.get('eff_rank_last'))}"
-                        if p.get("eff_rank_last") is not None else "") + ".")
+                        if p.get("eff_rank_last") is not None else "")
+                     + (f"; during the run, online probe val top-1 {_fmt(p.get('probe_val_top1_last'))}, k-NN monitor "
+                        f"{_fmt(p.get('knn_top1_last'))}" if p.get("probe_val_top1_last") is not None else "") + ".")
     lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in times.items()] + [f"| total | {total_seconds:.0f} |"]
     lines += ["", "## Commands", ""]

@@ -25,19 +25,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fvcore.common.param_scheduler import CosineParamScheduler, MultiStepParamScheduler
 from omegaconf import MISSING, DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
 
+from common import features
 from common.atomic import atomic_torch_save, atomic_write_text, save_figure, write_json
 from common.backbone_weights import file_sha256, load_backbone_into, read_backbone_weights
 from common.checkpoint import CheckpointError
 from common.config import merge_onto_schema, to_plain
 from common.distributed import DistInfo, barrier, get_rank, get_world_size, is_dist
 from common.errors import ConfigError, UserError
+from common.features import EXCLUDED, ShardSampler, eval_loader, loader_kw  # noqa: F401 (C.<name> for the stages)
 from common.imagefolder import (
     RobustImageFolder,
-    dataloader_defaults,
     unreadable_files_all_ranks,
     write_unreadable_list,
 )
@@ -237,12 +238,7 @@ def train_transform(d: DictConfig):
 
 def eval_transform(d: DictConfig):
     """Resize the shorter side to ``val_resize`` and centre-crop ``val_crop`` (ImageNet: 256 / 224)."""
-    return v2.Compose([v2.ToImage(), v2.Resize(d.val_resize, antialias=True), v2.CenterCrop(d.val_crop),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(d.mean), list(d.std))])
-
-
-# The label of an unreadable image's replacement in an evaluated set: ``evaluate`` and the k-NN leave it out.
-EXCLUDED = -1
+    return features.eval_transform(d.val_resize, d.val_crop, d.mean, d.std)
 
 
 def image_folder(d: DictConfig, split_key: str, transform, bad_target: int | None = None):
@@ -268,27 +264,6 @@ def check_same_classes(train_ds, val_ds) -> None:
                               "fix: both need the same <class> sub-folders")
 
 
-class ShardSampler(Sampler[int]):
-    """Rank ``r`` of ``w`` gets indices r, r+w, r+2w, ... in order: an exact split, no padding (evaluation)."""
-
-    def __init__(self, n: int, rank: int | None = None, world_size: int | None = None):
-        self.n = int(n)
-        self.rank = get_rank() if rank is None else rank
-        self.world = get_world_size() if world_size is None else world_size
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.world))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))
-
-
-def _loader_kw(workers: int) -> dict:
-    kw = dataloader_defaults(workers)
-    kw.pop("prefetch_factor", None)  # one decoded view per image: torch's default prefetch is enough
-    return kw
-
-
 def train_loader(dataset: Dataset, global_batch: int, seed: int, workers: int) -> DataLoader:
     """Shuffled, distributed (DistributedSampler; call ``.sampler.set_epoch``), drops the last partial batch
     when there is more than one batch in the epoch."""
@@ -296,12 +271,7 @@ def train_loader(dataset: Dataset, global_batch: int, seed: int, workers: int) -
     per_proc = global_batch // world
     sampler = DistributedSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=seed, drop_last=False)
     drop_last = len(sampler) > per_proc
-    return DataLoader(dataset, batch_size=per_proc, sampler=sampler, drop_last=drop_last, **_loader_kw(workers))
-
-
-def eval_loader(dataset: Dataset, global_batch: int, workers: int) -> DataLoader:
-    per_proc = max(1, global_batch // get_world_size())
-    return DataLoader(dataset, batch_size=per_proc, sampler=ShardSampler(len(dataset)), **_loader_kw(workers))
+    return DataLoader(dataset, batch_size=per_proc, sampler=sampler, drop_last=drop_last, **loader_kw(workers))
 
 
 # ------------------------------------------------------------------------------------------ model

@@ -24,7 +24,7 @@ def test_python_m_benchmarks_quick_writes_json_markdown_png(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "smoke.json").read_text())
     benches = {r["benchmark"] for r in result["rows"]}
-    assert benches == {"whitening", "whitening-robustness", "step", "pipeline"}
+    assert benches == {"whitening", "whitening-robustness", "step", "probe", "pipeline"}
     for r in result["rows"]:
         assert r["values"] and all(math.isfinite(v) for v in r["values"])
         assert r["ratio"] is not None and math.isfinite(r["ratio"]) and r["ratio"] > 0

@@ -77,7 +77,8 @@ def test_demo_chain_writes_the_report_resumes_after_ctrl_c_and_reuses_finished_s
     report = (out / "demo" / "report.md").read_text()
     assert "| k-NN top-1 (k=5) | ResNet-18 |" in report and "| Mask R-CNN C4 segm AP | ResNet-50 |" in report
     assert "submit detection --cluster local" in report and "## Wall time per stage" in report
-    for png in ("pretrain_loss.png", "detection_loss.png"):
+    assert "online probe val top-1" in report and "![pretrain_monitor.png](pretrain_monitor.png)" in report
+    for png in ("pretrain_loss.png", "pretrain_monitor.png", "detection_loss.png"):
         assert (out / "demo" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Once more: every stage is reused, nothing is submitted, and the same numbers come back.

@@ -35,10 +35,19 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
+MONITOR_KEYS = ("probe_train_top1", "probe_val_top1", "knn_top1", "knn_top5")
+
+
+def _monitor(run_dir: Path) -> list[tuple[int, str, float]]:
+    """(step, key, value) of every probe / k-NN figure of the run, in order."""
+    return [(r["step"], k, r[k]) for r in read_metrics(run_dir) for k in MONITOR_KEYS if k in r]
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(tiny_synthetic, tmp_path):
     # 120 images / batch 16 = 7 steps per epoch, 2 epochs: the kill lands in epoch 0 or 1, the resume
     # skips the steps already done in that epoch; one DataLoader worker, as in real runs.
-    common = ["optim.epochs=2", "train.ckpt_every_steps=3", "data.workers=1", "optim.warmup_epochs=1"]
+    common = ["optim.epochs=2", "train.ckpt_every_steps=3", "data.workers=1", "optim.warmup_epochs=1",
+              "train.eval_every=1", "train.knn_every=1"]  # the monitor at both epoch ends
     ref_dir, cut_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     ref = subprocess.run(_train_cmd(tiny_overrides(tiny_synthetic, ref_dir, *common)), env=_env(), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
@@ -66,11 +75,16 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(tiny_synthetic, tmp
     assert f"resuming from step {killed_at}" in resumed.stdout + resumed.stderr
     got = _losses(cut_dir)
     assert got == want  # every step, before and after the kill, bit for bit
+    # The probe (its state is in the checkpoint) and the monitor continue as if never interrupted.
+    monitor_ref, monitor_cut = _monitor(ref_dir), _monitor(cut_dir)
+    assert {(s, k) for s, k, _ in monitor_ref} >= {(7, "probe_val_top1"), (14, "knn_top1"), (14, "probe_train_top1")}
+    assert monitor_cut == monitor_ref
     a, b = load_checkpoint(ref_dir / LAST_NAME), load_checkpoint(cut_dir / LAST_NAME)
     assert a["finished"] and b["finished"] and a["step"] == b["step"] == 14
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    print(f"killed after step >= 5, resumed from step {killed_at}; 14 losses identical, final loss {got[14]:.6f}")
+    print(f"killed after step >= 5, resumed from step {killed_at}; 14 losses identical, final loss {got[14]:.6f}; "
+          f"{len(monitor_ref)} probe / k-NN figures identical")
 
 
 def test_ema_multicrop_preset_runs_with_six_views(tiny_synthetic, tmp_path):
@@ -128,3 +142,17 @@ def test_short_pretraining_beats_random_init_on_knn(synthetic_root, synthetic_pr
           f"{acc_trained:.1f}% (effective rank {summary['effective_rank']:.1f})")
     # measured 2026-11-29 (1 thread): 17.6% after 150 steps vs 10.8% random init (chance 10%)
     assert acc_trained >= acc_random + 4.0
+
+
+def test_online_probe_learns_during_a_short_pretraining(synthetic_pretraining):
+    """The probe on the detached features rises above chance (10 classes: 10%) on the validation split
+    within the 150 steps of the shared pretraining, and its running train top-1 rises too."""
+    cfg, summary = synthetic_pretraining
+    rows = read_metrics(Path(summary["run_dir"]))
+    train = [r["probe_train_top1"] for r in rows if "probe_train_top1" in r]
+    val = [(r["step"], r["probe_val_top1"]) for r in rows if "probe_val_top1" in r]
+    first, last = sum(train[:3]) / 3, sum(train[-3:]) / 3
+    print(f"online probe: running train top-1 {first:.1f} (first 3 rows) -> {last:.1f} (last 3); "
+          f"validation top-1 {val}; k-NN monitor {summary.get('knn_top1')}")
+    assert val and val[-1][0] == 150 and summary["probe_val_top1"] == val[-1][1]
+    assert val[-1][1] >= 14.0 and last > first

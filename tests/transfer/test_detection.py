@@ -116,6 +116,15 @@ def test_fewer_images_scale_lr_linearly_and_schedule_inversely():
         adjust_for_run(load_config(CONFIGS / "coco_R_50_C4_1x.yaml"), [], world_size=3, cuda=False)
 
 
+@pytest.mark.parametrize("cuda, native_bf16, kept", [(False, False, False), (False, True, True), (True, False, True)])
+def test_cpu_amp_is_turned_off_without_native_bf16(cuda, native_bf16, kept):
+    cfg = load_config(CONFIGS / "synthetic_R_50_C4.yaml")
+    assert cfg.SOLVER.AMP.ENABLED
+    lines = adjust_for_run(cfg, [], world_size=1, cuda=cuda, native_bf16=native_bf16)
+    assert cfg.SOLVER.AMP.ENABLED == kept
+    assert any("no native bf16" in line for line in lines) == (not kept)
+
+
 def test_missing_dataset_files_are_named_before_queueing(tmp_path, synthetic_root):
     from transfer.detection.datasets import DatasetFilesError, check_dataset_files
     from transfer.detection.train_net import preflight

@@ -7,7 +7,10 @@ actually happens is decided here, at start, and printed:
   that is plain ``BN`` (torch's SyncBatchNorm needs a process group), on CPU processes (gloo) it is
   detectron2's ``naiveSyncBN`` (torch's SyncBatchNorm is CUDA-only);
 - batch scaling: a run with another ``SOLVER.IMS_PER_BATCH`` than ``INTL.REFERENCE_IMS_PER_BATCH``
-  gets a linearly scaled ``BASE_LR`` and inversely scaled iteration counts (same number of epochs).
+  gets a linearly scaled ``BASE_LR`` and inversely scaled iteration counts (same number of epochs);
+- mixed precision on CPU: ``SOLVER.AMP.ENABLED`` (a bf16 autocast on CPU) is turned off on a CPU without
+  native bf16 instructions (avx512_bf16 / amx_bf16), where torch emulates bf16 and a step is many times
+  slower than in float32 (measured on a 2-core AVX2 EPYC: 27.5 s vs 1.7 s per R50-C4 iteration).
 """
 
 from __future__ import annotations
@@ -133,10 +136,24 @@ def scale_to_batch(cfg: CN, explicit: set[str] = frozenset()) -> str:
     return f"effective batch {ims} images (config written for {ref}): " + ", ".join(parts)
 
 
-def adjust_for_run(cfg: CN, opts, world_size: int, cuda: bool) -> list[str]:
-    """Applies the run-time choices (device, norm, batch scaling) to an unfrozen config; returns log lines."""
+def cpu_has_native_bf16() -> bool:
+    """True when /proc/cpuinfo lists a bf16 instruction set (avx512_bf16, amx_bf16); False elsewhere."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def adjust_for_run(cfg: CN, opts, world_size: int, cuda: bool, native_bf16: bool | None = None) -> list[str]:
+    """Applies the run-time choices (device, norm, batch scaling, CPU mixed precision) to an unfrozen config;
+    returns log lines. ``native_bf16``: whether this CPU has bf16 instructions (None: read /proc/cpuinfo)."""
     lines = []
     cfg.MODEL.DEVICE = "cuda" if cuda else "cpu"
+    if not cuda and cfg.SOLVER.AMP.ENABLED and not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
+        cfg.SOLVER.AMP.ENABLED = False
+        lines.append("amp: SOLVER.AMP.ENABLED turned off: this CPU has no native bf16 (avx512_bf16 / amx_bf16), "
+                     "so a bf16 autocast would be emulated and many times slower than float32")
     norm = resolve_norm(cfg.MODEL.RESNETS.NORM, world_size, cuda)
     if norm != cfg.MODEL.RESNETS.NORM:
         lines.append(f"norm: config asks {cfg.MODEL.RESNETS.NORM}, using {norm} "
