@@ -18,7 +18,8 @@ and trains to the end of the schedule:
   a resume with another total of steps (``optim.epochs``, ``train.max_steps``) is refused.
 - Metrics every ``train.log_every`` steps to ``metrics.jsonl`` and TensorBoard (a resume drops the rows
   and TensorBoard events of the steps it repeats, and a torn last line), with a progress line and
-  ETA; the spectrum of the embedding covariance every ``train.spectrum_every`` steps; ``spectrum.png``
+  ETA; the spectrum of the embedding covariance every ``train.spectrum_every`` steps (with FroSSL's
+  top-k condition number and entropy, k = ``train.spectrum_topk``); ``spectrum.png``, ``spectrum_topk.png``
   and ``loss.png`` at the end.
 """
 
@@ -51,8 +52,16 @@ from pretrain.model import build_network, convert_sync_batchnorm, ema_update, ma
 from pretrain.monitor import OnlineProbe, build_monitor_sets, num_classes_of
 from pretrain.monitor import evaluate as monitor_evaluate
 from pretrain.optim import build_optimizer, ema_momentum_scheduler, lr_scheduler, scaled_lr, set_lr
-from pretrain.plots import plot_loss, plot_monitor, plot_spectrum
-from pretrain.spectrum import covariance_spectrum, effective_rank, lg_ioc
+from pretrain.plots import plot_loss, plot_monitor, plot_spectrum, plot_top_eigenvalues
+from pretrain.spectrum import (
+    condition_number,
+    covariance_spectrum,
+    effective_rank,
+    eigenvalue_entropy,
+    lg_ioc,
+    saturation_step,
+    top_k,
+)
 
 log = logging.getLogger("pretrain")
 
@@ -144,11 +153,14 @@ def train_step(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Op
     return StepOutput(out, online, finite)
 
 
-def spectrum_metrics(z: torch.Tensor) -> dict:
-    """Covariance spectrum of the projections (global batch), its effective rank and lgIoC."""
+def spectrum_metrics(z: torch.Tensor, topk: int) -> dict:
+    """Covariance spectrum of the projections (global batch), its effective rank and lgIoC, and over its
+    ``topk`` largest eigenvalues (``top_eigenvalues``) the condition number and entropy (FroSSL)."""
     eigs = covariance_spectrum(z.detach().float())
     n = eigs.numel()
-    row = {"effective_rank": effective_rank(eigs), "lg_ioc": lg_ioc(eigs)}
+    row = {"effective_rank": effective_rank(eigs), "lg_ioc": lg_ioc(eigs),
+           "condition_topk": condition_number(eigs, topk), "entropy_topk": eigenvalue_entropy(eigs, topk),
+           "top_eigenvalues": [float(e) for e in top_k(eigs, topk)]}
     if n > MAX_SPECTRUM_POINTS:  # keep metrics.jsonl small: geometric subsample of the sorted eigenvalues
         idx = sorted({int(round(x)) for x in np.geomspace(1, n, MAX_SPECTRUM_POINTS)})
         row["spectrum"] = [float(eigs[i - 1]) for i in idx]
@@ -476,7 +488,7 @@ class PretrainEngine:
             z = gather_with_grad(z_local.detach().float())
         if not self.info.is_main:
             return None
-        self.last_spectrum = {"step": self.step, **spectrum_metrics(z)}
+        self.last_spectrum = {"step": self.step, **spectrum_metrics(z, int(self.cfg.train.spectrum_topk))}
         return self.last_spectrum
 
     def _log(self, res: StepOutput, lr: float, momentum: float | None, ips: float, eta: float,
@@ -496,7 +508,8 @@ class PretrainEngine:
         self.logger.log(self.step, **row)
         loss_txt = " ".join(f"{k} {parts[k]:.4f}" for k in ("loss", "align", "trace") if k in parts)
         extra = f" m {momentum:.5f}" if momentum is not None else ""
-        spec = f" erank {spectrum['effective_rank']:.1f} lgIoC {spectrum['lg_ioc']:.2f}" if spectrum else ""
+        spec = (f" erank {spectrum['effective_rank']:.1f} lgIoC {spectrum['lg_ioc']:.2f}"
+                f" cond{len(spectrum['top_eigenvalues'])} {spectrum['condition_topk']:.3g}") if spectrum else ""
         probe = f" probe top-1 {probe_top1:.1f}" if probe_top1 is not None else ""
         log.info("epoch %.2f/%.2f step %d/%d %s lr %.4g%s%s%s | %.1f img/s | ETA %s", self.step / self.steps_per_epoch,
                  self.total_steps / self.steps_per_epoch, self.step, self.total_steps, loss_txt, lr, extra, spec,
@@ -510,7 +523,7 @@ class PretrainEngine:
         try:  # this process's projections that produced the bad loss (no collective on this error path)
             z = res.online[0].detach().float()
             if torch.isfinite(z).all():
-                report["spectrum_now"] = spectrum_metrics(z)
+                report["spectrum_now"] = spectrum_metrics(z, int(self.cfg.train.spectrum_topk))
             else:
                 report["spectrum_now"] = f"projections hold {int((~torch.isfinite(z)).sum())} non-finite values"
         except Exception as e:  # noqa: BLE001 - a failing diagnosis must not hide the real error
@@ -556,17 +569,22 @@ class PretrainEngine:
             self._remove_stale_temporaries()
             write_unreadable_list(self.run_dir, {"train": unreadable})
             rows = runlog.read_metrics(self.run_dir)
+            topk = int(self.cfg.train.spectrum_topk)
             plot_spectrum(rows, self.run_dir / "spectrum.png")
+            plot_top_eigenvalues(rows, self.run_dir / "spectrum_topk.png", topk)
             plot_loss(rows, self.run_dir / "loss.png")
             plot_monitor(rows, self.run_dir / "monitor.png")
             last = next((r for r in reversed(rows) if "loss" in r), {})
             latest = {k: next((r[k] for r in reversed(rows) if k in r), None)
                       for k in ("probe_train_top1", "probe_val_top1", "knn_top1")}
             spec = self.last_spectrum or next((r for r in reversed(rows) if "effective_rank" in r), {})
+            k_seen = min(topk, len(spec.get("top_eigenvalues") or [])) or topk  # a batch of m gives m - 1 at most
             summary = {
                 "run_dir": str(self.run_dir), "checkpoint": str(self.ckpt_path), "steps": self.step,
                 "epochs": self.step / self.steps_per_epoch, "final_loss": last.get("loss"),
                 "effective_rank": spec.get("effective_rank"), "lg_ioc": spec.get("lg_ioc"),
+                "spectrum_topk": topk, "condition_topk": spec.get("condition_topk"),
+                "entropy_topk": spec.get("entropy_topk"), "eigenvalue_saturation_step": saturation_step(rows, k_seen),
                 "world_size": self.info.world_size, "global_batch": self.global_batch,
                 "skipped_images": len(unreadable), "nonfinite_skips": self.nonfinite_skips,
                 **{k: v for k, v in latest.items() if v is not None},

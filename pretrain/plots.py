@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.atomic import save_figure  # noqa: E402
+from pretrain.spectrum import saturation_step  # noqa: E402
 
 
 def plot_spectrum(rows: Sequence[dict], path: str | os.PathLike, max_curves: int = 5) -> Path | None:
@@ -37,6 +38,37 @@ def plot_spectrum(rows: Sequence[dict], path: str | os.PathLike, max_curves: int
     ax.set_xlabel("eigenvalue index (sorted)")
     ax.set_ylabel("eigenvalue of the embedding covariance")
     ax.set_title("Spectrum of the projector output")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path, bbox_inches="tight")
+
+
+def plot_top_eigenvalues(rows: Sequence[dict], path: str | os.PathLike, k: int) -> Path | None:
+    """Each of the top-k covariance eigenvalues against the step (log y; FroSSL's Figure 3), lambda_1 dark to
+    lambda_k light, and the saturation step of lambda_k (``pretrain.spectrum.saturation_step``) as a dashed
+    vertical line. ``rows`` are metrics rows holding ``top_eigenvalues``; returns None if there is none."""
+    rows = [r for r in rows if isinstance(r.get("top_eigenvalues"), list) and r["top_eigenvalues"]]
+    if not rows:
+        return None
+    n = min(k, max(len(r["top_eigenvalues"]) for r in rows))
+    cmap = plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i in range(n):
+        pts = [(r["step"], max(float(r["top_eigenvalues"][i]), 1e-12)) for r in rows if len(r["top_eigenvalues"]) > i]
+        label = f"lambda_{i + 1}" if i in (0, n - 1) else None
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=cmap(i / max(n - 1, 1)), lw=1.2, label=label,
+                marker="." if len(pts) < 3 else None)
+    sat = saturation_step(rows, n)
+    if sat is not None:
+        ax.axvline(sat, color="k", ls="--", lw=1.0, label=f"lambda_{n} saturated (step {sat})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("eigenvalue of the embedding covariance")
+    title = f"Top-{n} eigenvalues"
+    last = rows[-1]
+    if isinstance(last.get("condition_topk"), (int, float)):
+        title += f" (last: lambda_1/lambda_{n} = {last['condition_topk']:.3g})"
+    ax.set_title(title)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return save_figure(fig, path, bbox_inches="tight")

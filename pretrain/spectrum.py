@@ -1,7 +1,20 @@
-"""Spectrum metrics of an embedding: eigenvalues of its covariance, effective rank and lgIoC.
+"""Spectrum metrics of an embedding: eigenvalues of its covariance, effective rank and lgIoC, and the
+spectrum dynamics FroSSL measures (Skean et al., ECCV 2024, Figure 3): the condition number and the
+entropy of the top-k eigenvalues, and the step at which the k-th eigenvalue saturates.
 
-Used by the engine (logged during pretraining, ``spectrum.png``), the toy lab and the tests. All
-computations are float64 and without gradients.
+Used by the engine (logged during pretraining, ``spectrum.png``, ``spectrum_topk.png``), the toy lab and
+the tests. All computations are float64 and without gradients.
+
+The definitions used for the FroSSL quantities (the paper's Figure 3 uses k = 14; its code for the figure
+was not available here, so these are ours, stated precisely): with lambda_1 >= lambda_2 >= ... the
+eigenvalues of the embedding covariance (``covariance_spectrum``),
+
+- ``top_k(eigs, k)``: lambda_1 .. lambda_k;
+- ``condition_number(eigs, k)``: lambda_1 / lambda_k (inf when lambda_k is 0);
+- ``eigenvalue_entropy(eigs, k)``: the Shannon entropy (natural log) of lambda_1 .. lambda_k divided by
+  their sum (all eigenvalues when k is None; ``effective_rank`` is exp of that entropy);
+- ``saturation_step(rows, k)``: the first logged step from which lambda_k stays within 10% of its final
+  value (see its docstring).
 """
 
 from __future__ import annotations
@@ -39,15 +52,82 @@ def _as_eigs(eigs) -> torch.Tensor:
     return e
 
 
-def effective_rank(eigs) -> float:
-    """exp of the Shannon entropy of eigs / sum(eigs) (Roy & Vetterli); 0 for an all-zero spectrum."""
-    e = _as_eigs(eigs)
+def _normalised_entropy(e: torch.Tensor) -> float | None:
+    """Shannon entropy (nats) of e / sum(e), 0 log 0 = 0; None for an all-zero e. The one place for both
+    ``effective_rank`` and ``eigenvalue_entropy``."""
     total = e.sum()
     if total <= 0:
-        return 0.0
+        return None
     p = e / total
     p = p[p > 0]
-    return float(math.exp(float(-(p * p.log()).sum())))
+    return float(-(p * p.log()).sum())
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    return k
+
+
+def effective_rank(eigs) -> float:
+    """exp of the Shannon entropy of eigs / sum(eigs) over ALL eigenvalues (Roy & Vetterli); 0 for an
+    all-zero spectrum."""
+    h = _normalised_entropy(_as_eigs(eigs))
+    return 0.0 if h is None else math.exp(h)
+
+
+def top_k(eigs, k: int) -> torch.Tensor:
+    """The k largest eigenvalues, descending (float64); all of them when there are fewer than k."""
+    e = _as_eigs(eigs)
+    return e.sort(descending=True).values[: _check_k(k)]
+
+
+def condition_number(eigs, k: int) -> float:
+    """lambda_1 / lambda_k over the top-k eigenvalues (FroSSL, Figure 3): 1 for an isotropic spectrum,
+    inf when lambda_k is 0 (a collapsed direction, or an all-zero spectrum). With fewer than k eigenvalues
+    lambda_k is the smallest there is."""
+    e = top_k(eigs, k)
+    lk = float(e[-1])
+    return float("inf") if lk <= 0 else float(e[0]) / lk
+
+
+def eigenvalue_entropy(eigs, k: int | None = None) -> float:
+    """Shannon entropy (natural log) of the top-k eigenvalues normalised to sum 1 (all of them when k is
+    None): log(k) for k equal eigenvalues, 0 when one dominates; 0 for an all-zero spectrum.
+    ``effective_rank(eigs) == exp(eigenvalue_entropy(eigs))``."""
+    e = _as_eigs(eigs) if k is None else top_k(eigs, k)
+    h = _normalised_entropy(e)
+    return 0.0 if h is None else h
+
+
+def saturation_step(rows, k: int, key: str = "top_eigenvalues", band: float = 0.1) -> int | None:
+    """The step at which the k-th eigenvalue saturates, from metrics rows (``{"step": s, key: [lambda_1,
+    ..., lambda_k, ...]}``, in step order; rows without ``key`` or with fewer than k values are ignored).
+
+    Definition: with v_final the k-th eigenvalue of the last such row, the first step s such that at s and
+    at every later row (1 - band) * v_final <= lambda_k <= v_final / (1 - band), i.e. from s on it stays
+    within 10% (``band``) of where it ends. Two-sided, so it is the point where lambda_k settles whether it
+    grows into its final value (the usual SSL curve) or shrinks into it (whitening), and an early spike
+    that falls back does not count. None with fewer than 2 such rows or when v_final is 0 (the k-th
+    direction ends collapsed: nothing saturates).
+    """
+    _check_k(k)
+    if not 0 < band < 1:
+        raise ValueError(f"band must be in (0, 1), got {band!r}")
+    pts = [(int(r["step"]), float(r[key][k - 1])) for r in rows
+           if isinstance(r.get(key), (list, tuple)) and len(r[key]) >= k and "step" in r]
+    if len(pts) < 2:
+        return None
+    final = pts[-1][1]
+    if not final > 0:
+        return None
+    lo, hi = (1 - band) * final, final / (1 - band)
+    step = pts[-1][0]
+    for s, v in reversed(pts):
+        if not lo <= v <= hi:
+            break
+        step = s
+    return step
 
 
 def lg_ioc(eigs) -> float:

@@ -80,6 +80,7 @@ class TrainSchema:
     amp: str = MISSING  # auto (bf16/fp16 on GPU, off on CPU) | off | bf16 | fp16
     log_every: int = MISSING  # steps between metric rows / progress lines
     spectrum_every: int = MISSING  # steps between spectrum measurements (0: only at the end)
+    spectrum_topk: int = MISSING  # k of the top-k condition number / entropy / eigenvalue curves (FroSSL: 14)
     ckpt_every_steps: int = MISSING  # steps between checkpoints (0: only at epoch ends); always per epoch
     keep_every_epochs: int = MISSING  # also keep epoch_<N>.pth every N epochs (0: none)
     keep_snapshots: int = MISSING  # how many epoch_<N>.pth to keep, the newest (0: all)
@@ -143,6 +144,7 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
     _check(t.on_nonfinite in NONFINITE_MODES,
            f"train.on_nonfinite={t.on_nonfinite!r}; choose one of {list(NONFINITE_MODES)}")
     _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    _check(t.spectrum_topk >= 1, f"train.spectrum_topk must be >= 1, got {t.spectrum_topk} (FroSSL's figures use 14)")
     counts = ("spectrum_every", "ckpt_every_steps", "keep_every_epochs", "keep_snapshots")
     _check(all(t[k] >= 0 for k in counts), f"train.{', train.'.join(counts)} must be >= 0")
     _check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be null or >= 1, got {t.max_steps}")

@@ -197,6 +197,8 @@ def test_unknown_key_or_bad_value_fails_at_start_with_the_fix(tmp_path):
         validate_config(cfg, world_size=3, check_paths=False)
     with pytest.raises(ConfigError, match="is not a folder.*make data"):
         validate_config(bad({"data": {"root": str(tmp_path / "nope")}}))
+    with pytest.raises(ConfigError, match="train.spectrum_topk must be >= 1, got 0"):
+        validate_config(bad({"train": {"spectrum_topk": 0}}), check_paths=False)
     with pytest.raises(ConfigError, match="model.arch='resnet5'"):
         validate_config(bad({"model": {"arch": "resnet5"}}), check_paths=False)
     # The method's own keys and values too, before anything is queued.
@@ -284,8 +286,12 @@ def test_completed_run_returns_at_once(tiny_synthetic, tmp_path):
     cfg = compose_pretrain(tiny_overrides(tiny_synthetic, tmp_path / "run", "train.max_steps=2"))
     first = run(cfg)
     assert first["steps"] == 2 and not first.get("already_complete")
-    for name in ("config.yaml", "metrics.jsonl", "spectrum.png", "loss.png", "COMPLETE", LAST_NAME):
+    for name in ("config.yaml", "metrics.jsonl", "spectrum.png", "spectrum_topk.png", "loss.png", "COMPLETE",
+                 LAST_NAME):
         assert (tmp_path / "run" / name).exists(), name
+    # one spectrum row (train.spectrum_every=0: at the end); batch 16 gives 15 eigenvalues, the top 14 logged
+    assert first["spectrum_topk"] == 14 and first["condition_topk"] >= 1.0 and 0 < first["entropy_topk"] <= math.log(14)
+    assert first["eigenvalue_saturation_step"] is None  # one row cannot say when lambda_14 settled
     assert any((tmp_path / "run" / "tb").iterdir())
     ckpt = load_checkpoint(tmp_path / "run" / LAST_NAME)
     assert ckpt["finished"] and ckpt["step"] == 2 and ckpt["ema_model"] is None
