@@ -497,7 +497,7 @@ class PretrainEngine:
                 "world_size": self.info.world_size, "global_batch": self.global_batch,
                 "skipped_images": len(unreadable), "nonfinite_skips": self.nonfinite_skips,
             }
-            runlog.mark_complete(self.run_dir, summary)
+            summary = runlog.mark_complete(self.run_dir, summary)  # adds the run's provenance
             log.info("finished: %d steps; final loss %s; checkpoint %s", self.step, summary["final_loss"],
                      self.ckpt_path)
         barrier()

@@ -1,7 +1,8 @@
 """Test-only stages for the launcher tests (registered through INTL_SUBMIT_EXTRA_STAGES, never in the product).
 
 ``counter``: a resumable stand-in for a training stage that follows the ARCHITECTURE.md contract
-(``run(cfg)`` in every process, init_distributed, resume from ``cfg.run_dir``, COMPLETE at the end). Each
+(``run(cfg)`` in every process, init_distributed, resume from ``cfg.run_dir``, provenance.json at the start,
+results.json and COMPLETE at the end). Each
 step does a gloo all_reduce (so a wrong world size or rendezvous fails), sleeps ``step_seconds`` and rank 0
 writes ``last.pth`` atomically. Every rank writes ``env_rank<r>.json`` with the launcher-visible
 environment, so the tests can check the tasks, ranks and GPU binding Slurm gave the job.
@@ -21,7 +22,8 @@ from common.atomic import atomic_torch_save, write_json
 from common.config import compose_config
 from common.distributed import barrier, init_distributed
 from common.errors import ConfigError
-from common.runlog import is_complete, mark_complete
+from common.provenance import record_attempt
+from common.runlog import is_complete, mark_complete, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -77,6 +79,8 @@ def run(cfg) -> dict | None:
         print("counter: run already complete", flush=True)
         return json.loads((run_dir / "results.json").read_text()) if info.is_main else None
     run_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        record_attempt(run_dir, info.world_size)
     write_json(run_dir / f"env_rank{info.rank}.json", {k: os.environ.get(k) for k in ENV_KEYS})
     ckpt = run_dir / "last.pth"
     start = int(torch.load(ckpt)["step"]) if ckpt.exists() else 0
@@ -97,8 +101,7 @@ def run(cfg) -> dict | None:
     barrier()
     if not info.is_main:
         return None
-    results = {"steps": int(cfg.steps), "world_size": info.world_size, "resumed_from": start}
-    write_json(run_dir / "results.json", results)
+    results = write_results(run_dir, {"steps": int(cfg.steps), "world_size": info.world_size, "resumed_from": start})
     mark_complete(run_dir, results)
     return results
 
