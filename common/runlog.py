@@ -2,8 +2,10 @@
 
 Each run writes into ``outputs/<stage>/<name>/``: ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON
 object per line, always with ``step``), TensorBoard events under ``tb/``, and for evaluations
-``results.json``. A run is complete when ``results.json`` (evaluations) or the final checkpoint marked
-``finished`` (pretraining) exists; ``COMPLETE`` is written as a marker in both cases.
+``results.json``, and ``provenance.json`` (common/provenance.py: code, packages, hardware, command of every
+attempt). A run is complete when ``results.json`` (evaluations) or the final checkpoint marked ``finished``
+(pretraining) exists; ``COMPLETE`` is written as a marker in both cases. ``COMPLETE`` and ``results.json``
+are written only here (``mark_complete``, ``write_results``), both with the run's ``"provenance"``.
 Only rank 0 writes; other ranks get a logger that does nothing.
 """
 
@@ -18,10 +20,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from common.atomic import atomic_write_text, jsonable
+from common.atomic import atomic_write_text, jsonable, write_json
 from common.errors import UserError
+from common.provenance import run_summary
 
 COMPLETE_MARKER = "COMPLETE"
+RESULTS_NAME = "results.json"
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -39,14 +43,32 @@ def is_complete(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / COMPLETE_MARKER).exists()
 
 
-def mark_complete(run_dir: str | os.PathLike, summary: dict | None = None) -> None:
-    atomic_write_text(Path(run_dir) / COMPLETE_MARKER, json.dumps(summary or {}, default=jsonable) + "\n")
+def _with_provenance(run_dir: str | os.PathLike, record: dict | None, given: dict | None) -> dict:
+    record = dict(record or {})
+    if "provenance" not in record:
+        record["provenance"] = given if given is not None else run_summary(run_dir)
+    return record
+
+
+def mark_complete(run_dir: str | os.PathLike, summary: dict | None = None, provenance: dict | None = None) -> dict:
+    """Writes ``COMPLETE`` with ``summary`` plus ``"provenance"`` (``provenance`` if given, else the run's
+    ``provenance.run_summary``: None when it has no provenance.json); returns what was written."""
+    summary = _with_provenance(run_dir, summary, provenance)
+    atomic_write_text(Path(run_dir) / COMPLETE_MARKER, json.dumps(summary, default=jsonable) + "\n")
+    return summary
+
+
+def write_results(run_dir: str | os.PathLike, results: dict, provenance: dict | None = None) -> dict:
+    """Writes ``results.json`` (atomically) with ``"provenance"`` added as in ``mark_complete``; returns it."""
+    results = _with_provenance(run_dir, results, provenance)
+    write_json(Path(run_dir) / RESULTS_NAME, results)
+    return results
 
 
 def previous_results(run_dir: str | os.PathLike) -> dict:
     """What a complete run reported: its ``results.json`` (evaluations), else the ``COMPLETE`` summary."""
     run_dir = Path(run_dir)
-    results = run_dir / "results.json"
+    results = run_dir / RESULTS_NAME
     if results.exists():
         return json.loads(results.read_text())
     return json.loads((run_dir / COMPLETE_MARKER).read_text() or "{}")

@@ -2,7 +2,8 @@
 
 ``begin(cfg, validate, log)``: console logging, the process group from the launcher's environment, the
 config checked against the stage's schema, the CPU cores shared between the processes of one job, and
-the results of a run that is already complete, else the run folder checked writable (rank 0).
+the results of a run that is already complete, else the run folder checked writable and this attempt's
+provenance appended to ``provenance.json`` (rank 0; common/provenance.py).
 ``hydra_main(stage, run)``: ``python -m <module> key=value ...``; an unwritable run folder (checked before
 Hydra writes into it) or a ``UserError`` prints one line and exits 2, anything else keeps its traceback.
 """
@@ -22,6 +23,7 @@ from common.atomic import check_writable, jsonable
 from common.config import compose_config, config_dir
 from common.distributed import DistInfo, cpu_threads_per_process, init_distributed
 from common.errors import ConfigError, UserError
+from common.provenance import record_attempt
 from common.runlog import is_complete, previous_results
 
 
@@ -72,6 +74,7 @@ def begin(cfg: Any, validate: Callable[..., DictConfig], log: logging.Logger,
         log.info("run %s is already complete (%s); nothing to do", run_dir, headline)
     elif info.is_main:
         check_writable(run_dir)  # a read-only run folder fails now, not at the first checkpoint
+        record_attempt(run_dir, info.world_size)
     return Start(cfg, info, run_dir, done)
 
 

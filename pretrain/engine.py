@@ -589,7 +589,7 @@ class PretrainEngine:
                 "skipped_images": len(unreadable), "nonfinite_skips": self.nonfinite_skips,
                 **{k: v for k, v in latest.items() if v is not None},
             }
-            runlog.mark_complete(self.run_dir, summary)
+            summary = runlog.mark_complete(self.run_dir, summary)  # adds the run's provenance
             log.info("finished: %d steps; final loss %s; checkpoint %s", self.step, summary["final_loss"],
                      self.ckpt_path)
         barrier()

@@ -7,6 +7,9 @@ returned submission and requeues the job (``scontrol requeue``). On preemption S
 itself (the batch script has ``--requeue``). Either way the job starts again with the same arguments and
 the stage resumes from the last checkpoint in its run folder (stages write ``last.pth`` every N steps and
 every epoch, and return at once when the run is already complete).
+
+``command_line`` (set by ``submit``, kept by a requeue) is the user's ``submit ...`` command: the task exports
+it as ``INTL_COMMAND_LINE`` so the run's provenance.json records it rather than the submitit worker's argv.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import socket
 from typing import Any, Sequence
 
 from common.distributed import limit_cpu_threads
+from common.provenance import COMMAND_LINE_ENV
 
 from .stages import StageSpec
 
@@ -66,11 +70,16 @@ def export_distributed_env() -> dict[str, str]:
 
 
 
+def _export_command_line(command_line: str | None) -> None:
+    if command_line:
+        os.environ[COMMAND_LINE_ENV] = command_line
+
 
 class StageJob:
     """Runs a Hydra stage's ``run(cfg)`` in one task; resumable through submitit's checkpoint()."""
 
     cpu_threads: int | None = None  # torch threads per task of a local CPU run (see limit_cpu_threads)
+    command_line: str | None = None  # the `submit ...` command that queued the job (see the module docstring)
 
     def __init__(self, spec: StageSpec, config: dict[str, Any]):
         self.spec = spec
@@ -80,6 +89,7 @@ class StageJob:
         from omegaconf import OmegaConf
 
         export_distributed_env()
+        _export_command_line(self.command_line)
         limit_cpu_threads(self.cpu_threads)
         run = self.spec.load_entry_point()
         return run(OmegaConf.create(self.config))
@@ -90,7 +100,7 @@ class StageJob:
         print(f"[submit] {self.spec.name}: time-out or preemption signal; requeueing, the run resumes from "
               f"the last checkpoint in {self.config.get('run_dir')}", flush=True)
         again = type(self)(self.spec, self.config)
-        again.cpu_threads = self.cpu_threads
+        again.cpu_threads, again.command_line = self.cpu_threads, self.command_line
         return submitit.helpers.DelayedSubmission(again)
 
     def __repr__(self) -> str:
@@ -101,6 +111,7 @@ class DetectionJob:
     """Runs ``transfer.detection.train_net.run_task`` for one seed; resumes from its OUTPUT_DIR."""
 
     cpu_threads: int | None = None  # as StageJob.cpu_threads
+    command_line: str | None = None  # as StageJob.command_line
 
     def __init__(self, spec: StageSpec, config_file: str, opts: Sequence[str], output_dir: str):
         self.spec = spec
@@ -110,6 +121,7 @@ class DetectionJob:
 
     def __call__(self) -> Any:
         export_distributed_env()
+        _export_command_line(self.command_line)
         limit_cpu_threads(self.cpu_threads)
         run_task = self.spec.load_entry_point()
         return run_task(self.config_file, list(self.opts), self.output_dir, resume=True)
@@ -120,7 +132,7 @@ class DetectionJob:
         print(f"[submit] detection: time-out or preemption signal; requeueing, detectron2 resumes from "
               f"{self.output_dir}", flush=True)
         again = type(self)(self.spec, self.config_file, self.opts, self.output_dir)
-        again.cpu_threads = self.cpu_threads
+        again.cpu_threads, again.command_line = self.cpu_threads, self.command_line
         return submitit.helpers.DelayedSubmission(again)
 
     def __repr__(self) -> str:

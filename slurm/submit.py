@@ -328,6 +328,9 @@ def _queue(plan: Plan, res: Resources, run_dir: Path, argv: list[str]):
         save_config(run_dir, plan.jobs[0].config)
     folder = run_dir / SUBMITIT_DIR
     executor = make_executor(res, folder)
+    command = "submit " + shlex.join(argv)
+    for job in plan.jobs:
+        job.command_line = command  # the tasks' provenance.json records this, not the submitit worker's argv
     if res.cluster != SLURM:  # every task of every job runs at once on this machine: share its cores
         for job in plan.jobs:
             job.cpu_threads = max(1, (os.cpu_count() or 1) // (res.gpus * len(plan.jobs)))
@@ -338,7 +341,7 @@ def _queue(plan: Plan, res: Resources, run_dir: Path, argv: list[str]):
             jobs = [executor.submit(j) for j in plan.jobs]
     record_submission(run_dir, {"stage": spec.name, "cluster": res.cluster, "host": socket.gethostname(),
                                 "job_ids": [j.job_id for j in jobs], "nodes": res.nodes, "gpus": res.gpus,
-                                "command": "submit " + " ".join(shlex.quote(a) for a in argv),
+                                "command": command,
                                 "cwd": os.getcwd()})
     return folder, jobs
 

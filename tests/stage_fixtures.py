@@ -1,7 +1,8 @@
 """Test-only stages for the launcher tests (registered through INTL_SUBMIT_EXTRA_STAGES, never in the product).
 
 ``counter``: a resumable stand-in for a training stage that follows the ARCHITECTURE.md contract
-(``run(cfg)`` in every process, init_distributed, resume from ``cfg.run_dir``, COMPLETE at the end). Each
+(``run(cfg)`` in every process, init_distributed, resume from ``cfg.run_dir``, provenance.json at the start,
+results.json and COMPLETE at the end). Each
 step does a gloo all_reduce (so a wrong world size or rendezvous fails), sleeps ``step_seconds`` and rank 0
 writes ``last.pth`` atomically. Every rank writes ``env_rank<r>.json`` with the launcher-visible
 environment, so the tests can check the tasks, ranks and GPU binding Slurm gave the job.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import time
 from pathlib import Path
@@ -21,7 +23,8 @@ from common.atomic import atomic_torch_save, write_json
 from common.config import compose_config
 from common.distributed import barrier, init_distributed
 from common.errors import ConfigError
-from common.runlog import is_complete, mark_complete
+from common.provenance import record_attempt
+from common.runlog import is_complete, mark_complete, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -77,6 +80,8 @@ def run(cfg) -> dict | None:
         print("counter: run already complete", flush=True)
         return json.loads((run_dir / "results.json").read_text()) if info.is_main else None
     run_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        record_attempt(run_dir, info.world_size)
     write_json(run_dir / f"env_rank{info.rank}.json", {k: os.environ.get(k) for k in ENV_KEYS})
     ckpt = run_dir / "last.pth"
     start = int(torch.load(ckpt)["step"]) if ckpt.exists() else 0
@@ -97,8 +102,7 @@ def run(cfg) -> dict | None:
     barrier()
     if not info.is_main:
         return None
-    results = {"steps": int(cfg.steps), "world_size": info.world_size, "resumed_from": start}
-    write_json(run_dir / "results.json", results)
+    results = write_results(run_dir, {"steps": int(cfg.steps), "world_size": info.world_size, "resumed_from": start})
     mark_complete(run_dir, results)
     return results
 
@@ -142,9 +146,20 @@ def tiny_overrides(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port for a test's rendezvous, drawn below Linux's ephemeral range (32768-60999), as
+    slurm.jobs does for jobs: a port the kernel handed out (bind to 0) is in that range, where every client
+    socket of the other tests' gloo / TCPStore connections also takes its port, so it could be taken again
+    before the rendezvous binds it (a two-process test then hung: one rank met another test's store)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(20000, 32767)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def linear_cfg(data_root: Path, run_dir: Path, *extra: str):

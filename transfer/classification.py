@@ -30,7 +30,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
 
 from common import features
-from common.atomic import atomic_torch_save, atomic_write_text, save_figure, write_json
+from common.atomic import atomic_torch_save, atomic_write_text, save_figure
 from common.backbone_weights import file_sha256, load_backbone_into, read_backbone_weights
 from common.checkpoint import CheckpointError
 from common.config import merge_onto_schema, to_plain
@@ -43,7 +43,7 @@ from common.imagefolder import (
     write_unreadable_list,
 )
 from common.resnet import FEATURE_DIMS, build_resnet
-from common.runlog import MetricsLogger, mark_complete, save_config
+from common.runlog import MetricsLogger, mark_complete, save_config, write_results
 from common.schedule import StepSchedule
 
 log = logging.getLogger("transfer")
@@ -485,9 +485,10 @@ def unreadable_images(run_dir: Path, info: DistInfo, **splits: Dataset) -> dict:
 
 
 def finish(run_dir: Path, info: DistInfo, results: dict) -> dict | None:
-    """results.json + COMPLETE (rank 0), a barrier so that no rank leaves before the files exist."""
+    """results.json + COMPLETE (rank 0, both with the run's provenance), a barrier so that no rank leaves
+    before the files exist; returns the results as written (rank 0)."""
     if info.is_main:
-        write_json(run_dir / "results.json", results)
+        results = write_results(run_dir, results)
         atomic_write_text(run_dir / "results.md", results_table(results))
         mark_complete(run_dir, {"top1": results.get("top1"), "top5": results.get("top5")})
         log.info("results: top-1 %.2f  top-5 %.2f -> %s", results.get("top1", float("nan")),

@@ -115,6 +115,11 @@ def test_two_seeds_aggregate_to_mean_and_std(experiment):
     summary = json.loads((experiment["exp"] / "results.json").read_text())
     assert summary == by_submit
     assert summary["n_seeds"] == 2 and summary["seeds"] == [0, 1]
+    for seed in (0, 1):  # each seed's provenance (its job's, with the submit command) is in the aggregate
+        own = experiment["results"][seed]["provenance"]
+        assert summary["provenance"]["per_seed"][f"seed{seed}"] == own
+        assert own["world_size"] == 1 and own["command_line"].startswith("submit detection --cluster local")
+        assert json.loads((experiment["exp"] / f"seed{seed}" / "COMPLETE").read_text())["provenance"] == own
     assert summary["columns"] == ["bbox AP50", "bbox AP", "bbox AP75", "segm AP50", "segm AP", "segm AP75"]
     r0, r1 = experiment["results"][0], experiment["results"][1]
     for task in ("bbox", "segm"):

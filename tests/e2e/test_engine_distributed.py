@@ -10,20 +10,16 @@ which would hide a real mistake of that size."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from stage_fixtures import free_port
+
 GLOBAL_BATCH = 16
 STEPS = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_steps(world: int, rank: int, ema: bool) -> dict:
@@ -88,7 +84,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     finally:
         torch.set_default_dtype(torch.float32)
         torch.set_num_threads(threads)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "dist")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "dist")), nprocs=2, join=True)
     ranks = [torch.load(f"{tmp_path / 'dist'}.rank{r}") for r in range(2)]
     for ema in (False, True):
         one, two = single[ema], ranks[0][ema]

@@ -41,6 +41,7 @@ def test_knn_stage_one_and_two_processes_agree(tiny_synthetic, tmp_path):
     mp.spawn(_knn_worker, args=(2, free_port(), str(tiny_synthetic), str(tmp_path / "two")), nprocs=2, join=True)
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["world_size"] == 2 and two["n_train"] == 120 and two["n_val"] == 40
+    assert two["provenance"]["world_size"] == 2 and on_disk["provenance"]["world_size"] == 1
     # Same features up to float summation order: at most one of the 40 votes may flip.
     assert two["top1"] == pytest.approx(res["top1"], abs=2.5)
     assert two["weighted"]["top1"] == pytest.approx(res["weighted"]["top1"], abs=2.5)

@@ -126,4 +126,6 @@ def test_linear_two_gloo_processes(tiny_synthetic, tmp_path):
     mp.spawn(_linear_worker, args=(2, free_port(), str(tiny_synthetic), str(run_dir)), nprocs=2, join=True)
     res = json.loads((run_dir / "results.json").read_text())
     assert res["world_size"] == 2 and res["n_val"] == 40 and res["frozen_backbone_check"] == "passed"
+    assert res["provenance"]["world_size"] == 2 and res["provenance"]["attempts"] == 1
+    assert json.loads((run_dir / "COMPLETE").read_text())["provenance"] == res["provenance"]
     assert res["steps"] == 3  # 120 images / global batch 40

@@ -4,8 +4,10 @@ short pretraining on the embedded set beats a randomly initialised backbone on k
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -85,6 +87,12 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(tiny_synthetic, tmp
     assert a["finished"] and b["finished"] and a["step"] == b["step"] == 14
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+    # provenance.json: the killed start and the resume, both `python -m pretrain.train ...`; COMPLETE: the resume.
+    attempts = json.loads((cut_dir / "provenance.json").read_text())["attempts"]
+    assert len(attempts) == 2 and all(shlex.split(a["command_line"]) == _train_cmd(tiny_overrides(
+        tiny_synthetic, cut_dir, *common)) for a in attempts)
+    summary = json.loads((cut_dir / "COMPLETE").read_text())["provenance"]
+    assert summary["world_size"] == 1 and summary["attempts"] == 2 and summary["started"] == attempts[1]["started"]
     print(f"killed after step >= 5, resumed from step {killed_at}; 14 losses identical, final loss {got[14]:.6f}; "
           f"{len(monitor_ref)} probe / k-NN figures identical")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,20 @@ def test_local_failure_exits_non_zero(counter_env, capsys):
     assert main(["counter", "--cluster", "local", "--gpus", "1", "--wait", "fail=true"]) == 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.err and "asked to fail" in captured.err
+
+
+def test_submit_command_line_reaches_the_runs_provenance(counter_env):
+    data = counter_env / "my data"  # a space: the recorded command must quote it
+    data.mkdir()
+    argv = ["counter", "--cluster", "local", "--gpus", "1", "--wait", "--name", "prov", "steps=1", "step_seconds=0",
+            f"data.root={data}"]
+    assert main(argv) == 0
+    run = counter_env / "outputs" / "counter" / "prov"
+    attempts = json.loads((run / "provenance.json").read_text())["attempts"]
+    assert [a["command_line"] for a in attempts] == ["submit " + shlex.join(argv)]
+    assert shlex.split(attempts[0]["command_line"]) == ["submit", *argv]
+    results = json.loads((run / "results.json").read_text())
+    assert results["provenance"]["world_size"] == 1 and results["provenance"]["attempts"] == 1
 
 
 def test_pretrain_two_local_processes_leave_a_checkpoint(tiny_synthetic, tmp_path, monkeypatch, capsys):
@@ -37,6 +52,11 @@ def test_pretrain_two_local_processes_leave_a_checkpoint(tiny_synthetic, tmp_pat
     assert list((run / "submitit").glob("*_1_log.out"))  # rank 1 ran and logged in the run folder
     sub = [json.loads(x) for x in (run / "submissions.jsonl").read_text().splitlines()]
     assert len(sub) == 1 and sub[0]["cluster"] == "local" and sub[0]["gpus"] == 2
+    # Provenance: the submit command (not the submitit worker's argv) and the world size, in COMPLETE too.
+    attempts = json.loads((run / "provenance.json").read_text())["attempts"]
+    assert len(attempts) == 1 and attempts[0]["command_line"] == sub[0]["command"] == "submit " + shlex.join(argv)
+    complete = json.loads((run / "COMPLETE").read_text())
+    assert complete["provenance"]["world_size"] == 2 and complete["provenance"]["command_line"] == sub[0]["command"]
     # Submitting the finished run again does nothing and says so.
     assert main(argv) == 0
     assert "already complete" in capsys.readouterr().out

@@ -2,7 +2,6 @@
 
 import datetime
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from omegaconf import OmegaConf
 
 from pretrain import losses
 from pretrain.methods import METHODS, build_method
+from stage_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 METHOD_DIR = ROOT / "configs" / "method"
@@ -186,15 +186,10 @@ def _dist_worker(rank, world, port, out_dir):
         torch.distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_processes_match_one_process_loss_and_ddp_gradient(tmp_path):
     world = 2
-    mp.start_processes(_dist_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world,
+    mp.start_processes(_dist_worker, args=(world, free_port(), str(tmp_path)), nprocs=world,
                        join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     local = GLOBAL_BATCH // world

@@ -3,7 +3,8 @@
     python -m transfer.detection.aggregate outputs/detection/<name>
 
 reads every ``seed*/results.json`` under the folder and writes ``results.json`` (per-seed values, mean,
-sample standard deviation) and ``results.md`` (a markdown table: AP50 AP AP75 for bbox, then segm).
+sample standard deviation, each seed's provenance under ``provenance.per_seed``) and ``results.md`` (a
+markdown table: AP50 AP AP75 for bbox, then segm).
 Seed folders without results (still running, failed) are listed and left out; none at all is an error.
 """
 
@@ -16,7 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from common.atomic import atomic_write_text, write_json
+from common.atomic import atomic_write_text
+from common.runlog import write_results
 from transfer.detection.config import DetectionSetupError
 from transfer.detection.report import TABLE_METRICS, TABLE_TASKS
 
@@ -74,7 +76,9 @@ def aggregate(run_dir: str | Path) -> dict:
         "per_seed": {s: {t: {m: r[t].get(m) for m in TABLE_METRICS} for t in tasks} for s, r in per_seed.items()},
         "std_kind": "sample standard deviation over seeds (n-1)",
     }
-    write_json(run_dir / "results.json", summary)
+    # Each seed ran as its own job: the aggregate records every seed's provenance (None for a seed without one).
+    summary = write_results(run_dir, summary,
+                            provenance={"per_seed": {s: r.get("provenance") for s, r in per_seed.items()}})
     atomic_write_text(run_dir / "results.md", format_table(summary))
     return summary
 

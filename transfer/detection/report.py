@@ -11,8 +11,8 @@ import math
 import os
 from pathlib import Path
 
-from common.atomic import save_figure, write_json
-from common.runlog import read_metrics
+from common.atomic import save_figure
+from common.runlog import read_metrics, write_results
 
 # Table 3 of the paper: AP50, AP, AP75 for bbox, then the same for segm.
 TABLE_TASKS = ("bbox", "segm")
@@ -62,7 +62,8 @@ def plot_loss_curve(output_dir: str | os.PathLike, rows: list[dict], title: str 
 
 
 def write_run_outputs(output_dir: str | os.PathLike, eval_results, info: dict) -> dict:
-    """Writes results.json (+ loss_curve.png from metrics.jsonl) for one finished run; returns the results."""
+    """Writes results.json (+ loss_curve.png from metrics.jsonl) for one finished run; returns the results
+    as written (with the run's ``provenance``)."""
     rows = read_metrics(output_dir)
     losses = training_losses(rows)
     results = {**eval_to_results(eval_results), **info}
@@ -70,5 +71,4 @@ def write_run_outputs(output_dir: str | os.PathLike, eval_results, info: dict) -
         results["first_total_loss"] = losses[0][1]
         results["last_total_loss"] = losses[-1][1]
     plot_loss_curve(output_dir, rows, title=f"{info.get('name', '')} seed {info.get('seed', '')}".strip())
-    write_json(Path(output_dir) / "results.json", results)
-    return results
+    return write_results(output_dir, results)  # with the seed's provenance

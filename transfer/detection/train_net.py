@@ -32,6 +32,7 @@ import transfer.detection  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
 from common.atomic import atomic_write_text
 from common.distributed import DistInfo, barrier, init_distributed
 from common.errors import UserError
+from common.provenance import record_attempt
 from common.runlog import is_complete, mark_complete
 from transfer.detection.config import DetectionSetupError, adjust_for_run, load_config
 from transfer.detection.datasets import check_dataset_files, register_datasets
@@ -173,6 +174,8 @@ def run_task(config_file, opts=(), output_dir=None, resume: bool = True) -> dict
     if is_complete(out) and (results := _read_results(out)) is not None:
         print(f"[detection] {out} is complete (COMPLETE marker); returning its results without training", flush=True)
         return results if dist_info.is_main else None
+    if dist_info.is_main:
+        record_attempt(out, dist_info.world_size)
 
     runlog = _RunLog(out, dist_info.rank)
     try:
