@@ -86,7 +86,8 @@ class DeferredSignal:
     def _record(self, signum: int, frame: Any) -> None:
         self.pending = True
         where = f" during {self.where()}" if self.where is not None else ""
-        log.warning("%s received%s: deferred to the end of the step (checkpoint first)", self.signum.name, where)
+        log.warning("%s received%s: deferred to the step boundary where the checkpoint is written",
+                    self.signum.name, where)
 
     def __enter__(self) -> DeferredSignal:
         self.install()
