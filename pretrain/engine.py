@@ -16,6 +16,11 @@ and trains to the end of the schedule:
   The resumed run continues the same trajectory: the data order and every augmentation are functions of
   ``(seed, epoch, index)`` (``pretrain.data_loading``), and the steps already done in the epoch are skipped;
   a resume with another total of steps (``optim.epochs``, ``train.max_steps``) is refused.
+- The requeue signal (Slurm's time-out ``USR2``, ``common.preemption``) is held back to the end of the step:
+  every rank stops at the same step (the flag rides on the step's one collective), rank 0 writes
+  ``last.pth`` there, then submitit's handler runs and requeues as before, so the requeued job resumes at
+  exactly that step; without a handler (plain ``python -m pretrain.train``) the run stops with exit status 2
+  and says from which step it resumes when started again.
 - Metrics every ``train.log_every`` steps to ``metrics.jsonl`` and TensorBoard (a resume drops the rows
   and TensorBoard events of the steps it repeats, and a torn last line), with a progress line and
   ETA; the spectrum of the embedding covariance every ``train.spectrum_every`` steps (with FroSSL's
@@ -45,6 +50,7 @@ from common.checkpoint import LAST_NAME, SNAPSHOT_PATTERN, load_checkpoint, save
 from common.distributed import DistInfo, all_reduce_mean, barrier, gather_with_grad
 from common.errors import ConfigError, UserError
 from common.imagefolder import unreadable_files_all_ranks, write_unreadable_list
+from common.preemption import DeferredSignal
 from pretrain.augment import build_view_transform
 from pretrain.data_loading import EpochShardSampler, build_dataset, build_loader, num_skipped, steps_per_epoch
 from pretrain.methods import build_method
@@ -79,6 +85,10 @@ class ResumeError(UserError, RuntimeError):
     """The run folder holds a run that this config cannot continue."""
 
 
+class RunInterrupted(UserError, RuntimeError):
+    """The requeue signal came with no handler to requeue the job; the checkpoint of the stop step is written."""
+
+
 # ----------------------------------------------------------------------------------------- one step
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``train.amp`` on this device (None: full precision)."""
@@ -111,10 +121,13 @@ def forward_loss(model: nn.Module, objective: nn.Module, views: Sequence[torch.T
     return out, online
 
 
-def all_ranks_finite(loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every process (one collective; the same answer everywhere)."""
-    flag = torch.isfinite(loss.detach()).float().reshape(1)
-    return bool(all_reduce_mean(flag).item() == 1.0)
+def all_ranks_agree(loss: torch.Tensor, stop: bool = False) -> tuple[bool, bool]:
+    """(the loss is finite on every process, some process asks to stop): the step's one collective, so every
+    rank gets the same answers."""
+    flags = torch.stack([torch.isfinite(loss.detach()).float().reshape(()),
+                         torch.tensor(float(stop), device=loss.device)])
+    mean = all_reduce_mean(flags)
+    return bool(mean[0].item() == 1.0), bool(mean[1].item() > 0)
 
 
 @dataclass
@@ -122,12 +135,15 @@ class StepOutput:
     out: dict
     online: list
     finite: bool
+    stop: bool = False  # some rank asked to stop after this step (the requeue signal came)
 
 
 def train_step(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer,
                views: Sequence[torch.Tensor], target_model: nn.Module | None = None,
-               scaler: Any = None, amp_dtype: torch.dtype | None = None) -> StepOutput:
+               scaler: Any = None, amp_dtype: torch.dtype | None = None, stop: bool = False) -> StepOutput:
     """Forward, loss, and (only when the loss is finite on every rank) backward + optimiser step.
+
+    ``stop``: this rank asks to stop after the step; the answer (any rank asked) is in ``StepOutput.stop``.
 
     The forward runs in training mode and so updates the batch-norm running statistics (online and
     target); a skipped step puts them back, so it leaves every parameter and buffer exactly as before.
@@ -136,7 +152,7 @@ def train_step(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Op
     saved = [b.clone() for b in buffers]
     out, online = forward_loss(model, objective, views, target_model, amp_dtype)
     loss = out["loss"]
-    finite = all_ranks_finite(loss)
+    finite, stop = all_ranks_agree(loss, stop)
     optimizer.zero_grad(set_to_none=True)
     if not finite:
         with torch.no_grad():
@@ -150,7 +166,7 @@ def train_step(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Op
         else:
             loss.backward()
             optimizer.step()
-    return StepOutput(out, online, finite)
+    return StepOutput(out, online, finite, stop)
 
 
 def spectrum_metrics(z: torch.Tensor, topk: int) -> dict:
@@ -248,6 +264,7 @@ class PretrainEngine:
         self.nonfinite_skips = 0
         self.last_spectrum: dict | None = None
         self.logger: runlog.MetricsLogger | None = None
+        self.requeue_signal = DeferredSignal(where=lambda: f"step {self.step + 1}")  # installed by fit()
 
     # ------------------------------------------------------------------ monitor
     def _build_probe(self) -> OnlineProbe | None:
@@ -409,6 +426,10 @@ class PretrainEngine:
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:
+        with self.requeue_signal:
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         if self.info.is_main:
             self._remove_stale_temporaries()
@@ -443,7 +464,7 @@ class PretrainEngine:
                 set_lr(self.optimizer, lr)
                 self._capturing = self.probe is not None
                 res = train_step(self.model, self.objective, self.optimizer, views, self.target, self.scaler,
-                                 self.amp_dtype)
+                                 self.amp_dtype, stop=self.requeue_signal.pending)
                 self._capturing = False
                 if self.probe is not None and res.finite:
                     self.probe.step(self._probe_input, labels.to(self.device, non_blocking=True))
@@ -472,16 +493,35 @@ class PretrainEngine:
                     self._log(res, lr, momentum, ips, eta, spectrum, probe_top1)
                     t_log, step_log = now, self.step
                 self._monitor(last)  # before a checkpoint of this step, so a resume from it keeps the figures
-                if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and not last:
-                    self.save()
                 if last:
-                    break
-            at_epoch_end = self.step % self.steps_per_epoch == 0
-            saved_now = bool(cfg.ckpt_every_steps) and self.step % cfg.ckpt_every_steps == 0
-            epochs_done = self.step // self.steps_per_epoch
-            snapshot = at_epoch_end and bool(cfg.keep_every_epochs) and epochs_done % cfg.keep_every_epochs == 0
-            if at_epoch_end and (snapshot or not saved_now) and self.step < self.total_steps:
-                self.save(snapshot=snapshot)  # end of an epoch (the final one is last.pth, finished)
+                    break  # the final checkpoint (finished) is _finish's
+                self._checkpoint_if_due(signalled=res.stop)
+
+    def _checkpoint_if_due(self, signalled: bool) -> None:
+        """At a step boundary before the last: last.pth every ``train.ckpt_every_steps`` steps, at every epoch end
+        (with a snapshot every ``train.keep_every_epochs`` epochs), and when the requeue signal came (then the
+        signal is handed on)."""
+        cfg = self.cfg.train
+        epochs_done, in_epoch = divmod(self.step, self.steps_per_epoch)
+        snapshot = in_epoch == 0 and bool(cfg.keep_every_epochs) and epochs_done % cfg.keep_every_epochs == 0
+        periodic = bool(cfg.ckpt_every_steps) and self.step % cfg.ckpt_every_steps == 0
+        if periodic or in_epoch == 0 or signalled:
+            self.save(snapshot=snapshot)
+        if signalled:
+            self._hand_on_requeue_signal()
+
+    def _hand_on_requeue_signal(self) -> None:
+        """Every rank is at this boundary (the stop is decided in the step's collective) and rank 0 has written
+        last.pth: now the deferred signal's own handler runs (submitit's: checkpoint() and requeue on rank 0,
+        nothing on the others, which go on until the requeue ends the job, as before)."""
+        barrier()
+        name = self.requeue_signal.signum.name
+        if self.requeue_signal.has_handler:
+            log.warning("time-out signal (%s) at step %d: checkpoint written, requeueing", name, self.step)
+        if not self.requeue_signal.deliver():
+            raise RunInterrupted(
+                f"stopped by {name} at step {self.step}/{self.total_steps}: checkpoint {self.ckpt_path} written; "
+                f"started again (the same command), the run resumes from step {self.step}")
 
     def _spectrum(self, z_local: torch.Tensor) -> dict | None:
         with torch.no_grad():

@@ -6,7 +6,8 @@ calls ``checkpoint()`` on rank 0 when Slurm signals a time-out (``--signal=USR2@
 returned submission and requeues the job (``scontrol requeue``). On preemption Slurm requeues the job
 itself (the batch script has ``--requeue``). Either way the job starts again with the same arguments and
 the stage resumes from the last checkpoint in its run folder (stages write ``last.pth`` every N steps and
-every epoch, and return at once when the run is already complete).
+every epoch, and return at once when the run is already complete; the pretraining engine holds the USR2 back
+to its next step boundary and writes ``last.pth`` there before submitit's handler runs: ``common.preemption``).
 
 ``command_line`` (set by ``submit``, kept by a requeue) is the user's ``submit ...`` command: the task exports
 it as ``INTL_COMMAND_LINE`` so the run's provenance.json records it rather than the submitit worker's argv.

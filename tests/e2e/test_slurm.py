@@ -163,6 +163,50 @@ def test_pretrain_through_sbatch_preempted_resumes_to_the_same_step(localhost_sl
     assert "#SBATCH --gpus-per-node=2" in script and "#SBATCH --ntasks-per-node=2" in script
 
 
+def test_pretrain_time_out_signal_checkpoints_at_that_step_and_resumes_there(localhost_slurm, tiny_synthetic,
+                                                                             tmp_path, monkeypatch, capsys):
+    """`scancel --signal=USR2` (what Slurm's `--signal=USR2@<delay>` sends before the time limit) mid-epoch, with
+    no periodic checkpoint: last.pth is written at the next step boundary, submitit requeues, and the job resumes
+    at exactly that step; its losses equal those of the same run as local processes, never interrupted."""
+    from common.runlog import read_metrics
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
+    steps, per_epoch = 10, 7  # 120 tiny images / batch 16
+    overrides = stage_fixtures.tiny_pretrain_overrides(tiny_synthetic / "classification", steps=steps,
+                                                       ckpt_every=1000)
+    losses = {}
+    for name in ("uninterrupted", "signalled"):
+        losses[name] = lambda name=name: {r["step"]: r["loss"] for r in read_metrics(
+            tmp_path / "outputs" / "pretrain" / name) if "loss" in r}
+    t0 = time.time()
+    assert main(["pretrain", "--gpus", "2", "--cluster", "local", "--name", "uninterrupted", "--wait", *overrides]) == 0
+    want = losses["uninterrupted"]()
+    assert sorted(want) == list(range(1, steps + 1))
+
+    argv = ["pretrain", "--nodes", "1", "--gpus", "2", "--cluster", "slurm", "--time", "15", "--name", "signalled",
+            *overrides]
+    assert main(argv) == 0
+    run = tmp_path / "outputs" / "pretrain" / "signalled"
+    job = _job_id(run)
+    end = time.time() + 150
+    while max(losses["signalled"](), default=0) < 2:
+        assert time.time() < end, "the job logged no step 2 in 150 s"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    capsys.readouterr()
+    assert main(argv + ["--wait"]) == 0
+    log = (run / "submitit" / f"{job}_0_log.out").read_text()
+    assert "time-out signal (SIGUSR2) at step " in log, log[-3000:]
+    stop = int(log.split("time-out signal (SIGUSR2) at step ")[1].split(":")[0])
+    assert 2 <= stop < steps and stop % per_epoch != 0, stop  # mid-epoch: no epoch-end checkpoint there
+    assert "Calling checkpoint method" in log and "restart 1" in log
+    assert log.count("resuming from step") == 1 and f"resuming from step {stop} " in log
+    assert losses["signalled"]() == want  # every row, before and after the requeue, bit for bit
+    print(f"USR2 after step 2 was logged: checkpoint at step {stop}, requeued, resumed at step {stop}; "
+          f"{steps} losses equal to the local uninterrupted run's; {time.time() - t0:.1f} s")
+
+
 def test_example_sbatch_script_runs_a_stage_without_the_cli(counter_env, tmp_path):
     """slurm/examples/pretrain.sbatch (plain sbatch + srun + python -m slurm.run_stage), resources overridden
     on the sbatch command line to fit the localhost node."""
