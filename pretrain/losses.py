@@ -227,7 +227,10 @@ ViewFn = Callable[[torch.Tensor], dict]
 
 def combine_views(views: Sequence[torch.Tensor], target: torch.Tensor | None, pair_fn: PairFn,
                   view_fn: ViewFn | None = None) -> dict:
-    """The paper's multi-view rule for any objective made of a pair term and a per-view term.
+    """INTL's multi-view rule for any objective made of a pair term and a per-view term.
+
+    Used by intl and its ablations, st_power, Barlow Twins and VICReg (why: ``configs/method/README.md``);
+    FroSSL combines its views by its authors' rule instead (``frossl_loss``).
 
     Without ``target``: crop 0 is ``views[0]``; loss = mean over i >= 1 of
     ``pair(views[i], views[0]) + view(views[i]) + view(views[0])`` (INTL's multi-crop: every crop against
@@ -311,11 +314,11 @@ def st_power_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None = N
 
 
 # ----------------------------------------------------------------------------------------------------
-# FroSSL (Skean et al., 2023)
+# FroSSL (Skean et al., 2023; github.com/OFSkean/FroSSL, solo/losses/frossl.py)
 # ----------------------------------------------------------------------------------------------------
 def variance_normalise(z: torch.Tensor) -> torch.Tensor:
     """Each feature centred over the batch and scaled to unit (unbiased) variance, then every column
-    rescaled to norm sqrt(d), as FroSSL's two-view loss does."""
+    rescaled to norm sqrt(d), as FroSSL's two-view loss (the authors' ``frossl_loss_func``) does."""
     with no_autocast(z.device.type):
         z = _full_precision(z)
         zc = z - z.mean(dim=0, keepdim=True)
@@ -323,20 +326,78 @@ def variance_normalise(z: torch.Tensor) -> torch.Tensor:
         return math.sqrt(z.shape[1]) * zs / zs.norm(dim=0, keepdim=True).clamp(min=1e-12)
 
 
+def column_normalise(z: torch.Tensor) -> torch.Tensor:
+    """Every feature column scaled to unit L2 norm over the batch, NOT centred, as FroSSL's multi-view loss
+    (the authors' ``multiview_frossl_loss_func``: ``F.normalize(z, dim=0)``) does."""
+    with no_autocast(z.device.type):
+        return F.normalize(_full_precision(z), p=2, dim=0)
+
+
 def log_frobenius_sq(z: torch.Tensor) -> torch.Tensor:
-    """log ||Z^T Z / m||_F^2, using the m x m Gram matrix instead when m < d (same Frobenius norm)."""
-    m, d = z.shape
-    gram = (z.T @ z) if m >= d else (z @ z.T)
-    return 2.0 * torch.log(torch.linalg.matrix_norm(gram / m, ord="fro"))
+    """log ||K / tr(K)||_F^2 of the linear kernel K = Z^T Z (the m x m Gram Z Z^T when m < d: same norm and
+    trace), FroSSL's regulariser before its sign (the loss minimises it).
+
+    The authors divide by ``torch.trace(K).item()`` (a detached trace, against float16 casting); after
+    either normalisation the trace is a constant (d for unit columns, d^2 for sqrt(d) columns), so its
+    gradient is zero and detaching it changes nothing. Kept attached here: scale-invariant for any z.
+    """
+    with no_autocast(z.device.type):
+        z = _full_precision(z)
+        m, d = z.shape
+        gram = (z.T @ z) if m >= d else (z @ z.T)
+        return 2.0 * torch.log(torch.linalg.matrix_norm(gram, ord="fro") / torch.diagonal(gram).sum())
+
+
+def frossl_two_view(a: torch.Tensor, b: torch.Tensor, regularise_a: bool = True) -> dict:
+    """The authors' two-view FroSSL (``frossl_loss_func``, the paper's form): ``variance_normalise`` both
+    views (features centred), loss = MSE(a, b) + log ||K_a/tr||_F^2 + log ||K_b/tr||_F^2, every weight 1.
+
+    ``regularise_a=False`` leaves a's regulariser out (EMA: a is the momentum encoder's crop 0, a constant).
+    Returns {"loss", "align", "frobenius"}.
+    """
+    na, nb = variance_normalise(a), variance_normalise(b)
+    align = F.mse_loss(na, nb)
+    frob = log_frobenius_sq(nb) + (log_frobenius_sq(na) if regularise_a else 0.0)
+    return {"loss": align + frob, "align": align.detach(), "frobenius": frob.detach()}
+
+
+def frossl_multiview(crops: Sequence[torch.Tensor], regularise_first: bool = True) -> dict:
+    """The authors' multi-view FroSSL (``multiview_frossl_loss_func``) over V crops.
+
+    Every view ``column_normalise``d (not centred: unlike the two-view form); with zbar the mean of the V
+    normalised views, loss = sum over views v of [V * D * MSE(z_v, zbar) + log ||K_v / tr(K_v)||_F^2]: every
+    view's regulariser has weight 1, and the invariance part equals sum over the V(V-1)/2 pairs of
+    ||z_i - z_j||_F^2 / m (= D * MSE(z_i, z_j)). At V = 2 this is ``frossl_two_view`` of centred inputs: the
+    two forms differ only by the centring (the std division and the sqrt(D) scale cancel).
+
+    ``regularise_first=False`` leaves crop 0's regulariser out (EMA: the momentum encoder's crop, no
+    gradient); crop 0 still enters every invariance pair. Returns {"loss", "align", "frobenius"}.
+    """
+    z = [column_normalise(c) for c in crops]
+    if len(z) < 2:
+        raise ValueError(f"FroSSL needs at least 2 views, got {len(z)}")
+    n_views, dim = len(z), z[0].shape[1]
+    zbar = torch.stack(z).mean(dim=0)
+    align = sum(n_views * dim * F.mse_loss(v, zbar) for v in z)
+    frob = sum(log_frobenius_sq(v) for k, v in enumerate(z) if k > 0 or regularise_first)
+    return {"loss": align + frob, "align": align.detach(), "frobenius": frob.detach()}
 
 
 def frossl_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None = None) -> dict:
-    """FroSSL: MSE between variance-normalised views + sum over views of log ||cov||_F^2, no weight."""
-    t_views = [variance_normalise(v) for v in views]
-    t_target = None if target is None else variance_normalise(target)
-    return combine_views(t_views, t_target,
-                         lambda a, b: {"align": F.mse_loss(a, b)},
-                         lambda z: {"frobenius": log_frobenius_sq(z)})
+    """FroSSL as its authors combine views (NOT the INTL rule of ``combine_views``).
+
+    The crops are ``views`` (crop 0 first), or with ``target`` (EMA) the momentum encoder's crop 0 followed
+    by the online ``views``. 2 crops: ``frossl_two_view`` (centred features); more than 2:
+    ``frossl_multiview`` (uncentred), as the authors' training step did (solo/methods/frossl.py:
+    ``frossl_loss_func`` for 2 views, ``multiview_frossl_loss_func`` otherwise). With ``target`` its
+    regulariser is left out (it has no gradient), it still takes part in every invariance pair.
+    """
+    crops = ([target] if target is not None else []) + list(views)
+    if len(crops) < 2:
+        raise ValueError(f"FroSSL needs at least 2 crops, got {len(crops)}")
+    if len(crops) == 2:
+        return frossl_two_view(crops[0], crops[1], regularise_a=target is None)
+    return frossl_multiview(crops, regularise_first=target is None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -393,8 +454,8 @@ def _with_trace(view_fn: ViewFn | None, beta: float, axis: str) -> ViewFn | None
 
 def barlow_twins_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None = None, *,
                       lambd: float = 0.0051, trace_beta: float = 0.0, trace_axis: str = "channel") -> dict:
-    """Barlow Twins over the paper's multi-view rule; ``trace_beta > 0`` adds beta * trace loss of each
-    (centred) embedding."""
+    """Barlow Twins (2 views: the authors' loss) over INTL's multi-view rule for more;
+    ``trace_beta > 0`` adds beta * trace loss of each (centred) embedding."""
     return combine_views(views, target, lambda a, b: barlow_twins_pair(a, b, lambd),
                          _with_trace(None, trace_beta, trace_axis))
 
@@ -402,6 +463,7 @@ def barlow_twins_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None
 def vicreg_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None = None, *, sim_coeff: float = 25.0,
                 std_coeff: float = 25.0, cov_coeff: float = 1.0, trace_beta: float = 0.0,
                 trace_axis: str = "channel") -> dict:
-    """VICReg (25/25/1) over the paper's multi-view rule; ``trace_beta > 0`` adds the trace loss."""
+    """VICReg (25/25/1; 2 views: the authors' loss) over INTL's multi-view rule for more;
+    ``trace_beta > 0`` adds the trace loss."""
     return combine_views(views, target, lambda a, b: vicreg_pair(a, b, sim_coeff),
                          _with_trace(lambda z: vicreg_view(z, std_coeff, cov_coeff), trace_beta, trace_axis))

@@ -11,11 +11,23 @@ The engine builds the objective once::
 
 Views and the EMA target
     Without EMA (``uses_ema`` False): ``online`` holds the projector outputs of all n >= 2 crops of this
-    process, crop 0 first; every other crop is paired with crop 0 and the pair losses are averaged.
-    With EMA (``uses_ema`` True): ``target`` is the momentum encoder's projection of crop 0 and ``online``
-    holds the online projections of crops 1..n-1 only (n - 1 >= 1 tensors): crop 0 is seen only by the
-    momentum encoder, as in the reference INTL_M; the per-view regulariser (trace loss) is applied to the
-    online crops only.
+    process, crop 0 first. With EMA (``uses_ema`` True): ``target`` is the momentum encoder's projection of
+    crop 0 and ``online`` holds the online projections of crops 1..n-1 only (n - 1 >= 1 tensors): crop 0 is
+    seen only by the momentum encoder, as in the reference INTL_M.
+
+How each method combines them (the table and the reasons: ``configs/method/README.md``; every rule is
+tested against its authors' definition in ``tests/pretrain/test_multiview.py``)
+    - intl, iternorm_only, trace_only, st_power, barlow_twins, vicreg: INTL's rule
+      (github.com/winci-ai/INTL methods/intl.py, methods/intl_m.py; ``losses.combine_views``): every crop
+      paired with crop 0 and the pair losses averaged, crop 0's regulariser in every pair; with EMA the
+      online crops paired with the momentum crop 0, the regulariser (trace loss, VICReg's variance and
+      covariance) on the online crops only. For 2 crops Barlow Twins and VICReg are their authors' losses;
+      their authors define no more than 2 views (solo-learn's solo/methods/barlow_twins.py and vicreg.py
+      unpack exactly two), so V > 2 and EMA use INTL's rule, our choice.
+    - frossl: its authors' rule (github.com/OFSkean/FroSSL solo/losses/frossl.py, solo/methods/frossl.py):
+      2 crops the two-view form (features centred), more the multi-view form (not centred, every view's
+      log-Frobenius term with weight 1, the invariance summed over all pairs); with EMA the same over the
+      momentum crop 0 and the online crops, crop 0's regulariser (no gradient) left out.
 
 Distributed semantics
     Every view (and the target) is all-gathered with ``common.distributed.gather_with_grad`` before
@@ -172,7 +184,8 @@ class TraceOnly(Objective):
 
 @register
 class STPower(Objective):
-    """Spectral transformation lambda^-power by eigendecomposition; power 0.5 = hard whitening (W-MSE)."""
+    """Spectral transformation lambda^-power by eigendecomposition; power 0.5 = hard whitening (W-MSE).
+    INTL's multi-view rule (it is the INTL paper's ablation; W-MSE itself averages over all view pairs)."""
 
     name = "st_power"
     defaults = {"power": 0.5, "axis": "channel", "eps": 1e-6, "ema": False}
@@ -189,7 +202,8 @@ class STPower(Objective):
 
 @register
 class FroSSL(Objective):
-    """FroSSL: MSE of variance-normalised views + sum of log squared Frobenius norms, no weight."""
+    """FroSSL by its authors' rule: 2 crops the two-view form (centred), V > 2 the multi-view form (not
+    centred; every log-Frobenius term weight 1, invariance over all V(V-1)/2 pairs); ``losses.frossl_loss``."""
 
     name = "frossl"
     defaults = {"ema": False}
@@ -212,7 +226,8 @@ class _WithTrace(Objective):
 
 @register
 class BarlowTwins(_WithTrace):
-    """Barlow Twins (lambda 0.0051); ``trace: true`` adds beta * trace loss (paper's Table 13)."""
+    """Barlow Twins (lambda 0.0051); ``trace: true`` adds beta * trace loss (paper's Table 13). 2 crops: the
+    authors' loss; more crops and EMA: INTL's rule (the authors define two views only)."""
 
     name = "barlow_twins"
     defaults = {"lambd": 0.0051, "trace": False, "beta": None, "trace_axis": "channel", "ema": False}
@@ -229,7 +244,8 @@ class BarlowTwins(_WithTrace):
 
 @register
 class VICReg(_WithTrace):
-    """VICReg (25 / 25 / 1); ``trace: true`` adds beta * trace loss (paper's Table 13)."""
+    """VICReg (25 / 25 / 1); ``trace: true`` adds beta * trace loss (paper's Table 13). 2 crops: the authors'
+    loss; more crops and EMA: INTL's rule (the authors define two views only)."""
 
     name = "vicreg"
     defaults = {"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0, "trace": False, "beta": None,

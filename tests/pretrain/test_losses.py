@@ -276,8 +276,9 @@ def test_frossl_gram_forms_agree_and_normalisation():
     for m, d in [(10, 30), (30, 10)]:
         z = losses.variance_normalise(_z(m, d, seed=6))
         torch.testing.assert_close(z.var(0), torch.full((d,), d / (m - 1), dtype=D64))
-        dd = 2 * torch.log(torch.linalg.matrix_norm(z.T @ z / m))
-        mm = 2 * torch.log(torch.linalg.matrix_norm(z @ z.T / m))
+        # the kernel normalised by its trace (the authors' code), which is d^2 for sqrt(d)-norm columns
+        dd = 2 * torch.log(torch.linalg.matrix_norm(z.T @ z / d ** 2))
+        mm = 2 * torch.log(torch.linalg.matrix_norm(z @ z.T / d ** 2))
         assert losses.log_frobenius_sq(z).item() == pytest.approx(dd.item(), rel=1e-12)
         assert dd.item() == pytest.approx(mm.item(), rel=1e-12)
     a, b = _z(16, 8, 1), _z(16, 8, 2)
