@@ -57,7 +57,14 @@ from pretrain.methods import build_method
 from pretrain.model import build_network, convert_sync_batchnorm, ema_update, make_momentum_copy
 from pretrain.monitor import OnlineProbe, build_monitor_sets, num_classes_of
 from pretrain.monitor import evaluate as monitor_evaluate
-from pretrain.optim import build_optimizer, ema_momentum_scheduler, lr_scheduler, scaled_lr, set_lr
+from pretrain.optim import (
+    OPTIM_KEYS_BEFORE_LARS,
+    build_optimizer,
+    ema_momentum_scheduler,
+    lr_scheduler,
+    scaled_lr,
+    set_lr,
+)
 from pretrain.plots import plot_loss, plot_monitor, plot_spectrum, plot_top_eigenvalues
 from pretrain.spectrum import (
     condition_number,
@@ -242,7 +249,11 @@ class PretrainEngine:
         else:
             self.model = self.net
         self.peak_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
-        self.optimizer = build_optimizer(self.net, self.peak_lr, cfg.optim.momentum, cfg.optim.weight_decay)
+        o = cfg.optim
+        bias_lr_scale = 1.0 if o.bias_base_lr is None else float(o.bias_base_lr) / float(o.base_lr)
+        self.optimizer = build_optimizer(self.net, self.peak_lr, o.momentum, o.weight_decay, name=o.name,
+                                         eta=float(o.lars_eta), exclude_bias_and_norm=o.exclude == "bias_and_norm",
+                                         bias_lr_scale=bias_lr_scale)
         warmup_steps = int(round(float(cfg.optim.warmup_epochs) * self.steps_per_epoch))
         self.lr_at = lr_scheduler(self.peak_lr, self.total_steps, warmup_steps, float(cfg.optim.final_lr_ratio))
         self.momentum_at = ema_momentum_scheduler(float(cfg.optim.ema_momentum), self.total_steps)
@@ -344,6 +355,10 @@ class PretrainEngine:
 
     def _check_resumable(self, saved: dict) -> None:
         now = OmegaConf.to_container(self.cfg, resolve=True)
+        if isinstance(saved.get("optim"), dict) and "name" not in saved["optim"]:
+            # written before optim.name existed: plain SGD; lars_eta did not matter to it
+            before = {**OPTIM_KEYS_BEFORE_LARS, "lars_eta": now["optim"].get("lars_eta")}
+            saved = {**saved, "optim": {**before, **saved["optim"]}}
         diffs = []
         for key in RESUME_MUST_MATCH:
             a, b = saved, now
@@ -440,9 +455,10 @@ class PretrainEngine:
         self.logger = runlog.MetricsLogger(self.run_dir, enabled=self.info.is_main, purge_step=self.step + 1)
         if not resumed:
             log.info("starting a new run in %s", self.run_dir)
-        log.info("world size %d, global batch %d (%d per process), lr %.4g (= %.4g x %d / 256), %d views, "
-                 "%d steps (%d per epoch), amp %s, method %s", self.info.world_size, self.global_batch,
-                 self.local_batch, self.peak_lr, cfg.optim.base_lr, self.global_batch, self.num_views,
+        log.info("world size %d, global batch %d (%d per process), %s lr %.4g (= %.4g x %d / 256; biases and norm "
+                 "x %.4g), %d views, %d steps (%d per epoch), amp %s, method %s", self.info.world_size,
+                 self.global_batch, self.local_batch, cfg.optim.name, self.peak_lr, cfg.optim.base_lr,
+                 self.global_batch, self.optimizer.param_groups[-1].get("lr_scale", 1.0), self.num_views,
                  self.total_steps, self.steps_per_epoch, self.amp_dtype or "off", self.objective.name)
         try:
             self._train_loop()

@@ -30,6 +30,7 @@ from pretrain import augment
 from pretrain.data_loading import build_dataset, steps_per_epoch
 from pretrain.engine import PretrainEngine
 from pretrain.methods import build_method
+from pretrain.optim import EXCLUSIONS, OPTIMIZERS
 
 log = logging.getLogger("pretrain")
 
@@ -65,11 +66,15 @@ class ModelSchema:
 
 @dataclass
 class OptimSchema:
+    name: str = MISSING  # sgd | lars (pretrain.optim.OPTIMIZERS)
     epochs: int = MISSING
     batch_size: int = MISSING  # GLOBAL batch; per process = batch_size / world size
     base_lr: float = MISSING  # lr = base_lr * batch_size / 256
-    weight_decay: float = MISSING  # not applied to biases and norm parameters
+    bias_base_lr: Optional[float] = MISSING  # the same for biases and norm parameters; null: base_lr
+    weight_decay: float = MISSING
+    exclude: str = MISSING  # bias_and_norm (1-D params: no decay, no LARS adaptation) | none
     momentum: float = MISSING
+    lars_eta: float = MISSING  # LARS trust coefficient (name=lars)
     warmup_epochs: float = MISSING
     final_lr_ratio: float = MISSING  # the cosine ends at base lr * this
     ema_momentum: float = MISSING  # momentum encoder (method.ema=true): this -> 1 on a cosine
@@ -138,6 +143,11 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
            f"fix: a multiple of {world_size}, e.g. {max(world_size, o.batch_size // world_size * world_size)}")
     _check(o.base_lr > 0 and o.momentum >= 0 and o.weight_decay >= 0 and o.warmup_epochs >= 0,
            "optim.base_lr must be > 0 and momentum, weight_decay, warmup_epochs >= 0")
+    _check(o.name in OPTIMIZERS, f"optim.name={o.name!r} is unknown; choose one of {list(OPTIMIZERS)}")
+    _check(o.exclude in EXCLUSIONS, f"optim.exclude={o.exclude!r}; choose one of {list(EXCLUSIONS)}")
+    _check(o.lars_eta > 0, f"optim.lars_eta (the LARS trust coefficient) must be > 0, got {o.lars_eta}")
+    _check(o.bias_base_lr is None or o.bias_base_lr > 0,
+           f"optim.bias_base_lr must be null (= optim.base_lr) or > 0, got {o.bias_base_lr}")
     _check(0 <= o.final_lr_ratio <= 1, f"optim.final_lr_ratio must be in [0, 1], got {o.final_lr_ratio}")
     _check(0 <= o.ema_momentum <= 1, f"optim.ema_momentum must be in [0, 1], got {o.ema_momentum}")
     _check(t.amp in AMP_MODES, f"train.amp={t.amp!r}; choose one of {list(AMP_MODES)}")

@@ -222,6 +222,36 @@ def test_pretrain_data_that_cannot_train_is_refused_before_queueing(tmp_path, mo
     assert "has 5 images, fewer than one global batch of 8" in _err(capsys)
 
 
+NATIVE_DRY_RUNS = {
+    # method, preset: the published values the resolved config must show (barlowtwins main.py, vicreg main_vicreg.py)
+    ("barlow_twins", "barlow_twins_imagenet_1000ep"): ["lambd: 0.0051", "bias_base_lr: 0.0048"],
+    ("vicreg", "vicreg_imagenet_1000ep"): ["sim_coeff: 25.0", "std_coeff: 25.0", "cov_coeff: 1.0",
+                                           "bias_base_lr: null"],
+}
+
+
+@pytest.mark.parametrize("method,preset", sorted(NATIVE_DRY_RUNS))
+def test_native_preset_dry_run_prints_the_published_recipe(tmp_path, monkeypatch, capsys, method, preset):
+    monkeypatch.chdir(tmp_path)
+    images = tmp_path / "imagenet" / "train" / "n0"  # one global batch of 2048 images (links to one tiny file)
+    images.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "one.png")
+    for k in range(2048):
+        (images / f"{k}.png").symlink_to(tmp_path / "one.png")
+    assert main(["pretrain", "--cluster", "slurm", "--nodes", "2", "--gpus", "8", "--dry-run", f"method={method}",
+                 f"pretrain/preset={preset}", f"data.root={tmp_path / 'imagenet'}"]) == 0
+    out = capsys.readouterr().out
+    for line in (f"name: {method}", "name: lars", "epochs: 1000", "batch_size: 2048", "base_lr: 0.2",
+                 "weight_decay: 1.0e-06", "exclude: bias_and_norm", "momentum: 0.9", "lars_eta: 0.001",
+                 "warmup_epochs: 10", "final_lr_ratio: 0.001", "arch: resnet50", f"name: {preset}",
+                 "#SBATCH --nodes=2", "world size 16", "nothing was submitted", *NATIVE_DRY_RUNS[method, preset]):
+        assert line in out, line
+    assert "  - 8192\n  - 8192\n  - 8192\n" in out
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"\x80\x04truncated"])
 def test_pretrain_resume_from_an_unreadable_checkpoint_is_refused_before_queueing(tmp_path, monkeypatch, capsys,
                                                                                   content):
