@@ -46,10 +46,14 @@ slurm-down:
 	bash slurm/localhost/down.sh --purge $(SLURM_DIR)
 
 # The paper's 2-D toy (Appendix D.1): power family and IterNorm sweeps, plots + table.
-.PHONY: toylab toylab-images
+.PHONY: toylab toylab-images toylab-dynamics
 toylab: venv
 	$(PY) -m toylab.blobs --out outputs/toylab
 
 # The same sweep on the embedded image set (short pretrainings, then effective rank, lgIoC, k-NN).
 toylab-images: venv data
 	$(PY) -m toylab.images --out outputs/toylab/images $(TOYLAB_ARGS)
+
+# FroSSL's training dynamics (Section 5): linear regime (2 linear layers, full-batch GD) + engine runs.
+toylab-dynamics: venv data
+	$(PY) -m toylab.dynamics --out outputs/toylab/dynamics $(TOYLAB_ARGS)
