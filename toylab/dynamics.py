@@ -53,6 +53,7 @@ from pretrain import losses
 from pretrain.augment import build_view_transform
 from pretrain.spectrum import condition_number, covariance_spectrum, eigenvalue_entropy, saturation_step
 from pretrain.train import run as pretrain_run
+from toylab import split_overrides
 
 LINEAR_METHODS = ("frossl", "barlow", "intl")
 LINEAR_LABELS = {"frossl": "FroSSL variant (Eq. 8)", "barlow": "Barlow Twins variant (Simon et al.)",
@@ -326,9 +327,7 @@ QUICK = dict(hidden=32, dim=2, t_max=60.0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_overrides(argv)
     p = argparse.ArgumentParser(prog="python -m toylab.dynamics", description=__doc__.split("\n\n")[0],
                                 epilog="Arguments after -- are Hydra overrides for every engine pretraining.")
     p.add_argument("--out", default="outputs/toylab/dynamics", help="output folder (default %(default)s)")

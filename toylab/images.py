@@ -29,6 +29,7 @@ from pathlib import Path
 from common.atomic import atomic_write_text, save_figure, write_json
 from common.config import compose_config
 from pretrain.train import run as pretrain_run
+from toylab import split_overrides
 from transfer.knn import run as knn_run
 
 DEFAULT_POWERS = (0.25, 0.5, 0.75)
@@ -108,9 +109,7 @@ def _numbers(text: str, cast) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_overrides(argv)
     p = argparse.ArgumentParser(prog="python -m toylab.images", description=__doc__.split("\n\n")[0],
                                 epilog="Arguments after -- are Hydra overrides for every pretraining.")
     p.add_argument("--out", default="outputs/toylab/images", help="output folder (default %(default)s)")
