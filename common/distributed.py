@@ -9,7 +9,9 @@ CPU process).
 from __future__ import annotations
 
 import datetime
+import gc
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -144,5 +146,16 @@ def cpu_threads_per_process(info: DistInfo) -> None:
 
 
 def cleanup() -> None:
-    if is_dist():
-        dist.destroy_process_group()
+    """Leaves the process group: every rank at a barrier, then destroyed.
+
+    torch 2.3's gloo backend can deadlock in ``destroy_process_group``: the group's destructor joins its worker
+    thread while holding the GIL, and that thread may still be releasing a finished collective whose tensors
+    need the GIL to be freed (seen: a two-process test stuck in ``~ProcessGroupGloo`` / ``AsyncBarrierWork``).
+    So after the barrier the GIL is given up for a moment (the worker drops its finished work) and the
+    collected garbage goes before the destructor runs."""
+    if not is_dist():
+        return
+    dist.barrier()
+    gc.collect()
+    time.sleep(0.2)
+    dist.destroy_process_group()

@@ -68,7 +68,7 @@ def test_knn_monitor_equals_the_offline_knn_of_the_same_checkpoint(tiny_syntheti
 
 _ONE_PASS = """
 import json, os, sys
-from common.distributed import barrier, cleanup, init_distributed
+from common.distributed import cleanup, init_distributed
 from common.config import compose_config
 from common.checkpoint import load_checkpoint
 from pretrain.train import validate_config
@@ -83,7 +83,6 @@ engine.probe.load_state(ckpt["probe"])
 row = monitor.evaluate(engine.net.backbone, engine.monitor_sets, engine.probe, True, cfg.train, 0, engine.device)
 if engine.info.is_main:
     print("ROW " + json.dumps(row), flush=True)
-barrier()
 cleanup()  # every rank leaves the process group together (gloo aborts a process that exits while a peer is in it)
 """
 

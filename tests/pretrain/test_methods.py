@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from common.distributed import cleanup
 from pretrain import losses
 from pretrain.methods import METHODS, build_method
 from stage_fixtures import free_port
@@ -181,9 +182,8 @@ def _dist_worker(rank, world, port, out_dir):
             inputs = [x[rank * local:(rank + 1) * local] for x in _inputs(n_views)]
             results.append(_case_outputs(ddp, cfg, inputs, world))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        torch.distributed.barrier()  # gloo's destroy_process_group can hang when a peer has already exited
     finally:
-        torch.distributed.destroy_process_group()
+        cleanup()  # barrier, then destroy (common.distributed: gloo's destroy can deadlock otherwise)
 
 
 

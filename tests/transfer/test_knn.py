@@ -82,7 +82,7 @@ def _dataset():
 def _extract_worker(rank, world, port, out_path):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from common.distributed import barrier, cleanup, init_distributed
+    from common.distributed import cleanup, init_distributed
 
     torch.set_num_threads(1)
     info = init_distributed()
@@ -92,7 +92,6 @@ def _extract_worker(rank, world, port, out_path):
     feats, labels = extract_features(_Tiny(), loader, info.device)
     if rank == 0:
         torch.save((feats, labels), out_path)
-    barrier()  # gloo's destroy_process_group can hang when a peer has already exited
     cleanup()
 
 
