@@ -103,7 +103,8 @@ def package_versions() -> dict:
     return versions
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -117,7 +118,7 @@ def hardware() -> dict:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
         else []
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "cpu_usable": usable, "gpus": gpus,
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "cpu_usable": usable, "gpus": gpus,
             "gpu_count": len(gpus), "hostname": socket.gethostname()}
 
 
@@ -156,11 +157,11 @@ def record_attempt(run_dir: str | os.PathLike, world_size: int) -> dict:
     """Appends this start's ``collect(world_size)`` to ``<run_dir>/provenance.json`` (atomically; the earlier
     attempts stay as they were) and returns the record. Rank 0 only, at the start of a run."""
     path = Path(run_dir) / PROVENANCE_NAME
-    unreadable = path.exists() and not read_attempts(run_dir)
+    earlier = read_attempts(run_dir)
     record = collect(world_size)
-    if unreadable:
+    if path.exists() and not earlier:
         record["note"] = f"the previous {PROVENANCE_NAME} was unreadable or empty and was replaced"
-    write_json(path, {"attempts": [*read_attempts(run_dir), record]})
+    write_json(path, {"attempts": [*earlier, record]})
     return record
 
 

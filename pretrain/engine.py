@@ -181,9 +181,10 @@ def spectrum_metrics(z: torch.Tensor, topk: int) -> dict:
     ``topk`` largest eigenvalues (``top_eigenvalues``) the condition number and entropy (FroSSL)."""
     eigs = covariance_spectrum(z.detach().float())
     n = eigs.numel()
+    top = top_k(eigs, topk)
     row = {"effective_rank": effective_rank(eigs), "lg_ioc": lg_ioc(eigs),
-           "condition_topk": condition_number(eigs, topk), "entropy_topk": eigenvalue_entropy(eigs, topk),
-           "top_eigenvalues": [float(e) for e in top_k(eigs, topk)]}
+           "condition_topk": condition_number(top, topk), "entropy_topk": eigenvalue_entropy(top),
+           "top_eigenvalues": [float(e) for e in top]}
     if n > MAX_SPECTRUM_POINTS:  # keep metrics.jsonl small: geometric subsample of the sorted eigenvalues
         idx = sorted({int(round(x)) for x in np.geomspace(1, n, MAX_SPECTRUM_POINTS)})
         row["spectrum"] = [float(eigs[i - 1]) for i in idx]

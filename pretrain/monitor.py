@@ -17,6 +17,7 @@ set); without one the probe trains and logs its train top-1 only and the k-NN mo
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from common.distributed import all_reduce_sum
+from common.distributed import all_reduce_mean, all_reduce_sum
 from common.features import eval_loader, eval_transform, extract_features, readable
 from common.imagefolder import RobustImageFolder
 from common.knn import knn_accuracy
@@ -69,11 +70,10 @@ class OnlineProbe(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in self.head.parameters()]
-        flat = all_reduce_sum(torch.cat([g.flatten() for g in grads]))  # one collective for the whole head
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        flat = all_reduce_mean(torch.cat([g.flatten() for g in grads]))  # one collective for the whole head
         offset = 0
         for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g) / world)
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
             offset += g.numel()
         self.optimizer.step()
         with torch.no_grad():
@@ -146,15 +146,15 @@ def build_monitor_sets(cfg, train_set: Dataset) -> MonitorSets:
             log.warning("monitor: no validation folder %s (data.val_split=%s); the probe logs its train top-1 only "
                         "and the k-NN monitor is off (fix: data.val_split=<folder beside %s>, or null)", folder,
                         d.val_split, d.split)
-        train_eval = RobustImageFolder(Path(str(d.root)).expanduser() / d.split if d.split else Path(str(d.root)),
-                                       transform=transform)
-    else:  # cifar10 / cifar100
+    elif d.val_split not in (None, ""):  # cifar10 / cifar100: the test set
         import torchvision
 
         cls = torchvision.datasets.CIFAR10 if d.kind == "cifar10" else torchvision.datasets.CIFAR100
-        root = str(Path(str(d.root)).expanduser())
-        val = cls(root, train=False, transform=transform, download=False) if d.val_split not in (None, "") else None
-        train_eval = cls(root, train=True, transform=transform, download=False)
+        val = cls(str(Path(str(d.root)).expanduser()), train=False, transform=transform, download=False)
+    # The training images as the monitor sees them: the same dataset object (files, labels, the record of
+    # unreadable files) with the evaluation transform, so the training folder is not scanned a second time.
+    train_eval = copy.copy(train_set)
+    train_eval.transform = transform
     knn_train = None
     if val is not None and int(t.knn_every) > 0:
         n = min(int(t.knn_train_images), len(train_eval))

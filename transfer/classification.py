@@ -36,7 +36,7 @@ from common.checkpoint import CheckpointError
 from common.config import merge_onto_schema, to_plain
 from common.distributed import DistInfo, barrier, get_rank, get_world_size, is_dist
 from common.errors import ConfigError, UserError
-from common.features import EXCLUDED, ShardSampler, eval_loader, loader_kw  # noqa: F401 (C.<name> for the stages)
+from common.features import EXCLUDED, eval_loader, loader_kw  # noqa: F401 (eval_loader: C.eval_loader for the stages)
 from common.imagefolder import (
     RobustImageFolder,
     unreadable_files_all_ranks,
