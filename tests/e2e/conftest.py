@@ -2,10 +2,45 @@
 test in this folder is marked ``slow`` here, once (``make test-fast`` leaves them out); the ones that need
 the localhost Slurm are marked ``slurm`` in their own files."""
 
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+UP = ROOT / "slurm" / "localhost" / "up.sh"
+DOWN = ROOT / "slurm" / "localhost" / "down.sh"
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "/tests/e2e/" in item.path.as_posix():
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def localhost_slurm():
+    """One localhost Slurm for the whole session (every test file that needs it shares this bring-up)."""
+    if os.geteuid() != 0:
+        pytest.skip("the localhost Slurm cluster runs its daemons as root; run the suite as root (CI does)")
+    folder = Path(tempfile.mkdtemp(prefix="intl-slurm-", dir="/tmp"))
+    t0 = time.time()
+    proc = subprocess.run(["bash", str(UP), "--install", str(folder)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        logs = "".join(f"\n--- {p}\n" + p.read_text()[-2000:] for p in sorted((folder / "log").glob("*.log")))
+        subprocess.run(["bash", str(DOWN), "--purge", str(folder)], capture_output=True, timeout=120)
+        pytest.fail(f"slurm/localhost/up.sh failed:\n{proc.stdout}\n{proc.stderr}{logs}")
+    print(f"\nlocalhost Slurm up in {time.time() - t0:.1f} s: {proc.stdout.strip().splitlines()[-1]}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(folder / "etc" / "slurm.conf")
+    try:
+        yield folder
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        subprocess.run(["bash", str(DOWN), "--purge", str(folder)], capture_output=True, timeout=180)

@@ -1,6 +1,7 @@
-"""`submit` against a real single-node Slurm on localhost (slurm/localhost/up.sh), started by this module.
+"""`submit` against a real single-node Slurm on localhost (slurm/localhost/up.sh), started once per pytest
+session by the ``localhost_slurm`` fixture of tests/e2e/conftest.py.
 
-The session fixture installs the Debian packages when they are missing (apt, as root), starts munged,
+The fixture installs the Debian packages when they are missing (apt, as root), starts munged,
 MariaDB + slurmdbd, slurmctld and slurmd in a private folder with two fake GPUs, and tears everything
 down at the end. Measured here: install about 13 s, start about 10 s.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,32 +25,6 @@ pytestmark = pytest.mark.slurm
 
 TESTS = Path(__file__).resolve().parents[1]  # tests/: stage_fixtures lives there
 ROOT = TESTS.parent
-UP = ROOT / "slurm" / "localhost" / "up.sh"
-DOWN = ROOT / "slurm" / "localhost" / "down.sh"
-
-
-@pytest.fixture(scope="module")
-def localhost_slurm():
-    if os.geteuid() != 0:
-        pytest.skip("the localhost Slurm cluster runs its daemons as root; run the suite as root (CI does)")
-    folder = Path(tempfile.mkdtemp(prefix="intl-slurm-", dir="/tmp"))
-    t0 = time.time()
-    proc = subprocess.run(["bash", str(UP), "--install", str(folder)], capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        logs = "".join(f"\n--- {p}\n" + p.read_text()[-2000:] for p in sorted((folder / "log").glob("*.log")))
-        subprocess.run(["bash", str(DOWN), "--purge", str(folder)], capture_output=True, timeout=120)
-        pytest.fail(f"slurm/localhost/up.sh failed:\n{proc.stdout}\n{proc.stderr}{logs}")
-    print(f"\nlocalhost Slurm up in {time.time() - t0:.1f} s: {proc.stdout.strip().splitlines()[-1]}")
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(folder / "etc" / "slurm.conf")
-    try:
-        yield folder
-    finally:
-        if old is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = old
-        subprocess.run(["bash", str(DOWN), "--purge", str(folder)], capture_output=True, timeout=180)
 
 
 @pytest.fixture
