@@ -11,6 +11,11 @@ to its next step boundary and writes ``last.pth`` there before submitit's handle
 
 ``command_line`` (set by ``submit``, kept by a requeue) is the user's ``submit ...`` command: the task exports
 it as ``INTL_COMMAND_LINE`` so the run's provenance.json records it rather than the submitit worker's argv.
+``env`` (``submit --env KEY=VALUE``, ``--collective-timeout``; kept by a requeue) is exported in every task
+before anything else runs, so NCCL_* / GLOO_* settings are in place when the process group starts.
+
+The stage runs inside ``common.heartbeat.naming_lost_ranks()``: a collective that fails because another rank
+is gone (killed, its node down) raises an error naming that rank and its host.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import socket
 from typing import Any, Sequence
 
 from common.distributed import limit_cpu_threads
+from common.heartbeat import naming_lost_ranks
 from common.provenance import COMMAND_LINE_ENV
 
 from .stages import StageSpec
@@ -71,9 +77,20 @@ def export_distributed_env() -> dict[str, str]:
 
 
 
-def _export_command_line(command_line: str | None) -> None:
-    if command_line:
-        os.environ[COMMAND_LINE_ENV] = command_line
+def _prepare_task(job) -> None:
+    """What every task does first: the job's environment, the distributed variables, the command line, the
+    CPU threads of a local run."""
+    os.environ.update(job.env or {})
+    export_distributed_env()
+    if job.command_line:
+        os.environ[COMMAND_LINE_ENV] = job.command_line
+    limit_cpu_threads(job.cpu_threads)
+
+
+def _again(job, fresh):
+    """A requeued copy keeps what ``submit`` set on the job."""
+    fresh.cpu_threads, fresh.command_line, fresh.env = job.cpu_threads, job.command_line, dict(job.env or {})
+    return fresh
 
 
 class StageJob:
@@ -81,6 +98,7 @@ class StageJob:
 
     cpu_threads: int | None = None  # torch threads per task of a local CPU run (see limit_cpu_threads)
     command_line: str | None = None  # the `submit ...` command that queued the job (see the module docstring)
+    env: dict[str, str] | None = None  # exported in every task first (see the module docstring)
 
     def __init__(self, spec: StageSpec, config: dict[str, Any]):
         self.spec = spec
@@ -89,20 +107,17 @@ class StageJob:
     def __call__(self) -> Any:
         from omegaconf import OmegaConf
 
-        export_distributed_env()
-        _export_command_line(self.command_line)
-        limit_cpu_threads(self.cpu_threads)
+        _prepare_task(self)
         run = self.spec.load_entry_point()
-        return run(OmegaConf.create(self.config))
+        with naming_lost_ranks():
+            return run(OmegaConf.create(self.config))
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
 
         print(f"[submit] {self.spec.name}: time-out or preemption signal; requeueing, the run resumes from "
               f"the last checkpoint in {self.config.get('run_dir')}", flush=True)
-        again = type(self)(self.spec, self.config)
-        again.cpu_threads, again.command_line = self.cpu_threads, self.command_line
-        return submitit.helpers.DelayedSubmission(again)
+        return submitit.helpers.DelayedSubmission(_again(self, type(self)(self.spec, self.config)))
 
     def __repr__(self) -> str:
         return f"StageJob({self.spec.name}, run_dir={self.config.get('run_dir')!r})"
@@ -113,6 +128,7 @@ class DetectionJob:
 
     cpu_threads: int | None = None  # as StageJob.cpu_threads
     command_line: str | None = None  # as StageJob.command_line
+    env: dict[str, str] | None = None  # as StageJob.env
 
     def __init__(self, spec: StageSpec, config_file: str, opts: Sequence[str], output_dir: str):
         self.spec = spec
@@ -121,11 +137,10 @@ class DetectionJob:
         self.output_dir = output_dir
 
     def __call__(self) -> Any:
-        export_distributed_env()
-        _export_command_line(self.command_line)
-        limit_cpu_threads(self.cpu_threads)
+        _prepare_task(self)
         run_task = self.spec.load_entry_point()
-        return run_task(self.config_file, list(self.opts), self.output_dir, resume=True)
+        with naming_lost_ranks():
+            return run_task(self.config_file, list(self.opts), self.output_dir, resume=True)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
@@ -133,8 +148,7 @@ class DetectionJob:
         print(f"[submit] detection: time-out or preemption signal; requeueing, detectron2 resumes from "
               f"{self.output_dir}", flush=True)
         again = type(self)(self.spec, self.config_file, self.opts, self.output_dir)
-        again.cpu_threads, again.command_line = self.cpu_threads, self.command_line
-        return submitit.helpers.DelayedSubmission(again)
+        return submitit.helpers.DelayedSubmission(_again(self, again))
 
     def __repr__(self) -> str:
         return f"DetectionJob(output_dir={self.output_dir!r})"
