@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="submit", description="Run a pipeline stage on Slurm or as local processes, one task per GPU.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Stages: pretrain, linear, semi, knn (Hydra key=value overrides), detection (detectron2 KEY VALUE "
-               "overrides, --config-file, --seeds). Put overrides that start with '-' after '--'.")
+               "overrides, --config-file, --seeds), doctor (the set-up check before a long run: data.root=..., "
+               "disk.min_free_gb=...). Put overrides that start with '-' after '--'.")
     p.add_argument("stage", help="pretrain | linear | semi | knn | detection | doctor")
     p.add_argument("overrides", nargs="*", help="Hydra key=value (detection: KEY VALUE pairs)")
     r = p.add_argument_group("resources")
