@@ -78,14 +78,18 @@ class Heartbeat:
     def _run(self) -> None:
         last: dict[int, tuple[int, float]] = {}  # rank 0: rank -> (count, when it last changed)
         warned: set[int] = set()
+        failures = 0
         while not self._stop.wait(BEAT_S):
             try:
                 with self._lock:
                     self._store.add(_key("beat", self.rank), 1)
                     if self.rank == 0:
                         self._watch(last, warned)
-            except Exception:  # noqa: BLE001 - the store is gone (rank 0 ended): nothing left to tell
-                return
+                failures = 0
+            except Exception:  # noqa: BLE001 - a slow store once; three times in a row: it is gone (rank 0 ended)
+                failures += 1
+                if failures >= 3:
+                    return
 
     def _watch(self, last: dict[int, tuple[int, float]], warned: set[int]) -> None:
         now = time.monotonic()
