@@ -71,7 +71,8 @@ def export_distributed_env() -> dict[str, str]:
                 "LOCAL_WORLD_SIZE": str(env.local_world_size)}
     print(f"[submit] {socket.gethostname()}: rank {env.rank} of world size {env.world_size} "
           f"(local rank {env.local_rank} of {env.local_world_size}), rendezvous "
-          f"{env.master_addr}:{env.master_port}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}",
+          f"{env.master_addr}:{env.master_port}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}; "
+          + ("this rank writes the outputs" if env.rank == 0 else "no outputs from this rank (rank 0 writes them)"),
           flush=True)
     return exported
 

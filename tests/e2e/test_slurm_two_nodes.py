@@ -131,7 +131,9 @@ def test_two_nodes_equal_one_process_only_rank0_writes_and_a_requeue_resumes_on_
     for r, host in ((0, n1), (1, n1), (2, n2), (3, n2)):
         for restart in (0, 1):
             line = f"[submit] {host}: rank {r} of world size 4 (local rank {r % 2} of 2), rendezvous {n1}:"
-            assert re.search(re.escape(line) + r"\d+, restart " + str(restart), logs[r]), (r, restart, logs[r][-2000:])
+            said = "this rank writes the outputs" if r == 0 else "no outputs from this rank (rank 0 writes them)"
+            assert re.search(re.escape(line) + r"\d+, restart " + str(restart) + "; " + re.escape(said), logs[r]), \
+                (r, restart, logs[r][-2000:])
     assert "world size 4, global batch 16 (4 per process)" in logs[0]
     resumed = int(logs[0].split("resuming from step")[1].split()[0])
     assert reached <= resumed < steps
