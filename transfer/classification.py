@@ -37,18 +37,17 @@ from common.config import merge_onto_schema, to_plain
 from common.distributed import DistInfo, barrier, get_rank, get_world_size, is_dist
 from common.errors import ConfigError, UserError
 from common.features import EXCLUDED, eval_loader, loader_kw  # noqa: F401 (eval_loader: C.eval_loader for the stages)
-from common.imagefolder import (
-    RobustImageFolder,
-    unreadable_files_all_ranks,
-    write_unreadable_list,
-)
+from common.datasets import check_stl10_files, open_image_set, require_labels
+from common.imagefolder import unreadable_files_all_ranks, write_unreadable_list
 from common.resnet import FEATURE_DIMS, build_resnet
 from common.runlog import MetricsLogger, mark_complete, save_config, write_results
 from common.schedule import StepSchedule
+from transfer.subsets import resolve_subset_list
 
 log = logging.getLogger("transfer")
 
 CLASSIFIER_FORMAT = "intl-classifier"
+EVAL_KINDS = ("imagefolder", "stl10")  # labelled image sets (common.datasets)
 ENCODERS = ("online", "momentum")
 SCHEDULES = ("step", "cosine")
 
@@ -72,9 +71,11 @@ class ModelSchema:
 
 @dataclass
 class DataSchema:
-    root: str = MISSING  # dataset root (ImageNet: holds train/ and val/)
-    train_dir: str = MISSING  # ImageFolder of the training images (<class>/<image>)
-    val_dir: str = MISSING  # ImageFolder of the validation images
+    kind: str = MISSING  # EVAL_KINDS: imagefolder (train_dir / val_dir) | stl10 (root/stl10_binary: train / test)
+    root: str = MISSING  # dataset root (ImageNet: holds train/ and val/; STL-10: holds stl10_binary/)
+    classes: Optional[str] = MISSING  # imagefolder: only the classes of this list (imagenet100, or a file); null: all
+    train_dir: str = MISSING  # ImageFolder of the training images (<class>/<image>); STL-10: the binary folder
+    val_dir: str = MISSING  # ImageFolder of the validation images; STL-10: the binary folder
     workers: int = MISSING  # DataLoader workers per process
     train_crop: int = MISSING  # RandomResizedCrop size (training)
     min_scale: float = MISSING  # RandomResizedCrop scale lower bound
@@ -201,6 +202,13 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
     _check(d.workers >= 0 and d.train_crop > 0 and d.val_crop > 0 and d.val_resize >= d.val_crop,
            "data.workers >= 0, data.train_crop/val_crop > 0 and data.val_resize >= data.val_crop are required")
     _check(0 < d.min_scale <= 1, f"data.min_scale must be in (0, 1], got {d.min_scale}")
+    _check(d.kind in EVAL_KINDS, f"data.kind={d.kind!r}: the evaluations need labelled images; choose one of "
+                                 f"{list(EVAL_KINDS)} (flat folders and file lists have no labels: pretraining only)")
+    _check(d.classes is None or d.kind == "imagefolder",
+           f"data.classes={d.classes!r} applies to data.kind=imagefolder only; fix: data.classes=null")
+    _check(not (stage == "semi" and d.kind != "imagefolder"),
+           f"semi-supervised fine-tuning reads ImageFolder trees (its subsets name files); data.kind={d.kind} is not "
+           "one; fix: eval/data=imagenet (or another ImageFolder)")
     if stage == "semi":
         _check(merged.optim.backbone_base_lr >= 0,
                f"optim.backbone_base_lr must be >= 0, got {merged.optim.backbone_base_lr}")
@@ -210,7 +218,13 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
                "and subset.percent (a class-balanced subset drawn from seed); got "
                f"list={s.list!r}, percent={s.percent!r}")
         _check(s.percent is None or 0 < s.percent <= 100, f"subset.percent must be in (0, 100], got {s.percent}")
-    if check_paths:
+    if check_paths and d.kind == "stl10":
+        for split in ("train", "test"):
+            try:
+                check_stl10_files(d.root, split)
+            except UserError as e:
+                raise EvalConfigError(str(e)) from None
+    if check_paths and d.kind == "imagefolder":
         for key in ("train_dir", "val_dir"):
             folder = Path(d[key])
             _check(folder.is_dir(), f"data.{key} = {str(folder)!r} is not a folder; fix: set data.root to the dataset "
@@ -218,14 +232,16 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
                                     f"data.{key} to the ImageFolder itself; for the embedded set run `python -m "
                                     "common.synthetic --out data/synthetic` and use "
                                     "data.root=data/synthetic/classification")
+    if check_paths:
         if merged.weights is not None:
             _check(Path(merged.weights).is_file(), f"weights={merged.weights!r} is not a file; fix: pass a pretraining "
                                                    "last.pth, a converted torchvision .pth, or weights=null for "
                                                    "random init")
         if stage == "semi" and merged.subset.list is not None:
             s = merged.subset
-            _check(Path(s.list).is_file(), f"subset.list={s.list!r} is not a file; fix: pass a SimCLR list file "
-                                           "(e.g. imagenet_subsets/10percent.txt) or use subset.percent=10")
+            _check(resolve_subset_list(s.list).is_file(),
+                   f"subset.list={s.list!r} is not a file; fix: subset.list=10percent or 1percent (SimCLR's lists, "
+                   "shipped), a list file (one <wnid>_<id>.JPEG per line), or subset.percent=10")
     return merged
 
 
@@ -241,16 +257,24 @@ def eval_transform(d: DictConfig):
     return features.eval_transform(d.val_resize, d.val_crop, d.mean, d.std)
 
 
-def image_folder(d: DictConfig, split_key: str, transform, bad_target: int | None = None):
-    return RobustImageFolder(Path(d[split_key]), transform=transform, bad_target=bad_target)
+def image_set(d: DictConfig, split: str, transform, bad_target: int | None = None):
+    """The ``train`` or ``val`` images of ``d``: the ImageFolder ``train_dir`` / ``val_dir`` (only the classes of
+    ``data.classes`` when set), or STL-10's ``train`` / ``test`` split; labels required."""
+    if d.kind == "stl10":
+        ds = open_image_set("stl10", d.root, "train" if split == "train" else "test", transform)
+    else:
+        ds = open_image_set("imagefolder", Path(d[f"{split}_dir"]), "", transform, classes=d.classes,
+                            bad_target=bad_target)
+    require_labels(ds, "a classification evaluation")
+    return ds
 
 
 def labelled_sets(d: DictConfig, train_tf, val_tf, exclude_bad_train: bool = False):
-    """The training and validation ImageFolders of ``d`` (``train_dir`` / ``val_dir``), same classes. An
-    unreadable validation image (and a training one with ``exclude_bad_train``, the k-NN) is labelled
-    ``EXCLUDED``; a training set otherwise trains on the neighbour that replaces it."""
-    train_ds = image_folder(d, "train_dir", train_tf, EXCLUDED if exclude_bad_train else None)
-    val_ds = image_folder(d, "val_dir", val_tf, EXCLUDED)
+    """The training and validation sets of ``d`` (``image_set``), same classes. An unreadable validation image
+    (and a training one with ``exclude_bad_train``, the k-NN) is labelled ``EXCLUDED``; a training set otherwise
+    trains on the neighbour that replaces it."""
+    train_ds = image_set(d, "train", train_tf, EXCLUDED if exclude_bad_train else None)
+    val_ds = image_set(d, "val", val_tf, EXCLUDED)
     check_same_classes(train_ds, val_ds)
     return train_ds, val_ds
 
