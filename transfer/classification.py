@@ -34,10 +34,10 @@ from common.atomic import atomic_torch_save, atomic_write_text, save_figure
 from common.backbone_weights import file_sha256, load_backbone_into, read_backbone_weights
 from common.checkpoint import CheckpointError
 from common.config import merge_onto_schema, to_plain
+from common.datasets import check_stl10_files, open_image_set, require_labels
 from common.distributed import DistInfo, barrier, get_rank, get_world_size, is_dist
 from common.errors import ConfigError, UserError
 from common.features import EXCLUDED, eval_loader, loader_kw  # noqa: F401 (eval_loader: C.eval_loader for the stages)
-from common.datasets import check_stl10_files, open_image_set, require_labels
 from common.imagefolder import unreadable_files_all_ranks, write_unreadable_list
 from common.resnet import FEATURE_DIMS, build_resnet
 from common.runlog import MetricsLogger, mark_complete, save_config, write_results
@@ -132,7 +132,9 @@ class EvalSchema:
     # pretraining last.pth / torchvision .pth / official INTL / MoCo; null = random init
     weights: Optional[str] = MISSING
     allow_unfinished: bool = MISSING  # evaluate a pretraining checkpoint whose ``finished`` flag is not set
-    encoder: str = MISSING  # online | momentum (the EMA encoder of an EMA-pretrained model)
+    encoder: str = MISSING  # online | momentum (the EMA / key / teacher encoder of the layouts that have one)
+    checkpoint_key: Optional[str] = MISSING  # a layout not recognised: the state_dict's entry (dotted), e.g. teacher
+    checkpoint_prefix: Optional[str] = MISSING  # ... and the backbone's key prefix in it, e.g. module.encoder.
     model: ModelSchema = field(default_factory=ModelSchema)
     data: DataSchema = field(default_factory=DataSchema)
 
@@ -319,7 +321,8 @@ def build_model(cfg: DictConfig, num_classes: int | None) -> LoadedBackbone:
     """
     state, kind, source, identity = None, "random", "random init", dict(RANDOM_IDENTITY)
     if cfg.weights is not None:
-        w = read_backbone_weights(cfg.weights, encoder=cfg.encoder)
+        w = read_backbone_weights(cfg.weights, encoder=cfg.encoder, checkpoint_key=cfg.checkpoint_key,
+                                  prefix=cfg.checkpoint_prefix)
         identity = w.identity
         check_finished(identity, cfg.allow_unfinished)
         for key, value in (("arch", w.arch), ("small_stem", w.small_stem)):

@@ -18,6 +18,7 @@ from transfer.subsets import (
     write_subset_list,
 )
 
+
 @pytest.fixture(scope="module")
 def one_percent() -> list[str]:
     return read_subset_list("1percent")  # by name: the shipped copy
