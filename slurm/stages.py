@@ -90,6 +90,8 @@ STAGES: dict[str, StageSpec] = {
                       input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
     "knn": StageSpec("knn", "transfer.knn",
                      input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
+    "embed": StageSpec("embed", "transfer.embed",
+                       input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
     "detection": StageSpec("detection", "transfer.detection.train_net", function="run_task", kind=DETECTION,
                            preflight="preflight"),
 }

@@ -120,6 +120,8 @@ class KnnSchema:
     k: int = MISSING  # plain majority vote (the paper's tables)
     weighted_k: int = MISSING  # temperature-weighted vote (InstDisc / DINO); 0 to skip
     temperature: float = MISSING
+    weighted_ks: List[int] = MISSING  # more weighted votes from the same neighbours (DINO: 10, 20, 100, 200)
+    features: Optional[str] = MISSING  # a transfer.embed run folder: read its features instead of computing them
     batch_size: int = MISSING  # GLOBAL batch for feature extraction
 
 
@@ -157,7 +159,16 @@ class KnnStageSchema(EvalSchema):
     knn: KnnSchema = field(default_factory=KnnSchema)
 
 
-SCHEMAS = {"linear": LinearSchema, "semi": SemiSchema, "knn": KnnStageSchema}
+@dataclass
+class EmbedSchema(EvalSchema):
+    split: str = MISSING  # all | train | val
+    format: str = MISSING  # npy | torch
+    batch_size: int = MISSING  # GLOBAL batch of the feature extraction
+
+
+SCHEMAS = {"linear": LinearSchema, "semi": SemiSchema, "knn": KnnStageSchema, "embed": EmbedSchema}
+EMBED_SPLITS = ("all", "train", "val")
+EMBED_FORMATS = ("npy", "torch")
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -179,15 +190,20 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
     _check(merged.encoder in ENCODERS, f"encoder={merged.encoder!r}; choose one of {list(ENCODERS)}")
     _check(m.arch is None or m.arch in FEATURE_DIMS,
            f"model.arch={m.arch!r} is unknown; choose one of {sorted(FEATURE_DIMS)}")
-    _check(merged.weights is not None or m.arch is not None,
+    _check(merged.weights is not None or m.arch is not None or (stage == "knn" and merged.knn.features is not None),
            "weights=null (random initialisation) needs model.arch; fix: pass weights=<checkpoint> or "
            "model.arch=resnet50 (and model.small_stem=true for 32-px images)")
-    batch = merged.knn.batch_size if stage == "knn" else merged.optim.batch_size
-    what = "knn.batch_size" if stage == "knn" else "optim.batch_size"
+    batch, what = {"knn": (lambda: merged.knn.batch_size, "knn.batch_size"),
+                   "embed": (lambda: merged.batch_size, "batch_size")}.get(
+        stage, (lambda: merged.optim.batch_size, "optim.batch_size"))
+    batch = batch()
     _check(batch >= 1 and batch % world_size == 0,
            f"{what}={batch} (the GLOBAL batch) is not a positive multiple of the {world_size} processes; "
            f"fix: a multiple of {world_size}, e.g. {max(world_size, batch // world_size * world_size)}")
-    if stage != "knn":
+    if stage == "embed":
+        _check(merged.split in EMBED_SPLITS, f"split={merged.split!r}; choose one of {list(EMBED_SPLITS)}")
+        _check(merged.format in EMBED_FORMATS, f"format={merged.format!r}; choose one of {list(EMBED_FORMATS)}")
+    elif stage != "knn":
         o, t = merged.optim, merged.train
         _check(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
         _check(o.base_lr > 0 and o.momentum >= 0 and o.weight_decay >= 0,
@@ -201,6 +217,11 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
     else:
         _check(merged.knn.k >= 1 and merged.knn.weighted_k >= 0 and merged.knn.temperature > 0,
                "knn.k must be >= 1, knn.weighted_k >= 0 (0 skips it), knn.temperature > 0")
+        _check(all(k >= 1 for k in merged.knn.weighted_ks), f"knn.weighted_ks={list(merged.knn.weighted_ks)}: every k "
+                                                            "must be >= 1 (or an empty list)")
+        _check(merged.knn.features is None or merged.weights is None,
+               "knn.features (a transfer.embed run folder) replaces the backbone: pass it or weights=, not both; the "
+               "features' own weights are recorded in its embedding.json")
     _check(d.workers >= 0 and d.train_crop > 0 and d.val_crop > 0 and d.val_resize >= d.val_crop,
            "data.workers >= 0, data.train_crop/val_crop > 0 and data.val_resize >= data.val_crop are required")
     _check(0 < d.min_scale <= 1, f"data.min_scale must be in (0, 1], got {d.min_scale}")
@@ -220,13 +241,17 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
                "and subset.percent (a class-balanced subset drawn from seed); got "
                f"list={s.list!r}, percent={s.percent!r}")
         _check(s.percent is None or 0 < s.percent <= 100, f"subset.percent must be in (0, 100], got {s.percent}")
-    if check_paths and d.kind == "stl10":
+    from_dump = stage == "knn" and merged.knn.features is not None
+    if check_paths and from_dump:
+        _check(Path(merged.knn.features).is_dir(), f"knn.features={merged.knn.features!r} is not a folder; fix: the "
+                                                   "run folder of a `python -m transfer.embed split=all` run")
+    if check_paths and d.kind == "stl10" and not from_dump:
         for split in ("train", "test"):
             try:
                 check_stl10_files(d.root, split)
             except UserError as e:
                 raise EvalConfigError(str(e)) from None
-    if check_paths and d.kind == "imagefolder":
+    if check_paths and d.kind == "imagefolder" and not from_dump:
         for key in ("train_dir", "val_dir"):
             folder = Path(d[key])
             _check(folder.is_dir(), f"data.{key} = {str(folder)!r} is not a folder; fix: set data.root to the dataset "

@@ -57,7 +57,7 @@ def test_extra_stage_env_is_validated(monkeypatch):
 
 
 def test_product_stages_are_registered():
-    assert set(stages.STAGES) == {"pretrain", "linear", "semi", "knn", "detection"}
+    assert set(stages.STAGES) == {"pretrain", "linear", "semi", "knn", "embed", "detection"}
     assert stages.get_stage("pretrain").module == "pretrain.train"
 
 
