@@ -106,6 +106,14 @@ def test_evaluations_refuse_unlabelled_sets_with_the_fix(tmp_path):
     with pytest.raises(UnlabelledDataError):
         require_labels(open_image_set("stl10", tmp_path / "stl", "unlabeled"), "k-NN")
     require_labels(open_image_set("stl10", tmp_path / "stl", "train"), "k-NN")  # labelled: fine
+    from common.config import compose_config
+    from transfer.classification import EvalConfigError, validate_eval_config
+
+    for stage in ("linear", "knn", "embed"):
+        cfg = compose_config(stage, ["data.kind=folder", "model.arch=resnet18"])
+        with pytest.raises(EvalConfigError, match=r"data.kind='folder': the evaluations need labelled images; choose "
+                                                  r"one of \['imagefolder', 'stl10'\] \(flat folders and file lists"):
+            validate_eval_config(cfg, stage, check_paths=False)
 
 
 # ------------------------------------------------------------------------------------------ ImageNet-100
