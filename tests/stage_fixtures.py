@@ -257,3 +257,13 @@ def write_images(paths, size: int = 16, seed: int = 0) -> None:
         p = Path(p)
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(p)
+
+
+def randomised(model, seed: int):
+    """Gives every parameter and BN running stat distinct random values, so a wrong mapping is visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + (0.5 if "running_var" in name else 0.0))
+    return model

@@ -9,16 +9,7 @@ import torchvision
 from common.backbone_weights import build_backbone_from, load_backbone_into, read_backbone_weights
 from common.checkpoint import CheckpointError, save_checkpoint
 from common.resnet import build_resnet
-
-
-def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Gives every parameter and BN running stat distinct random values, so a wrong mapping is visible."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand(t.shape, generator=g) + (0.5 if "running_var" in name else 0.0))
-    return model
+from stage_fixtures import randomised
 
 
 def _projector_state() -> dict:
@@ -35,12 +26,12 @@ def _assert_same(sd: dict, model: torch.nn.Module) -> None:
 
 @pytest.fixture(scope="module")
 def r18_online():
-    return _randomised(build_resnet("resnet18"), 1)
+    return randomised(build_resnet("resnet18"), 1)
 
 
 @pytest.fixture(scope="module")
 def r18_ema():
-    return _randomised(build_resnet("resnet18"), 2)
+    return randomised(build_resnet("resnet18"), 2)
 
 
 def test_intl_pretrain_online_and_ema(tmp_path, r18_online, r18_ema):

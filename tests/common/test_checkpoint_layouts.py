@@ -43,20 +43,11 @@ import torchvision
 
 from common.backbone_weights import read_backbone_weights
 from common.checkpoint import CheckpointError
-
-
-def _randomised(model: nn.Module, seed: int) -> nn.Module:
-    """Distinct random values in every parameter and BN statistic, so a wrong mapping is visible."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand(t.shape, generator=g) + (0.5 if "running_var" in name else 0.0))
-    return model
+from stage_fixtures import randomised
 
 
 def _resnet18(seed: int, **kw) -> nn.Module:
-    return _randomised(torchvision.models.resnet18(**kw), seed)
+    return randomised(torchvision.models.resnet18(**kw), seed)
 
 
 def _backbone(seed: int) -> nn.Module:
