@@ -283,6 +283,9 @@ class PretrainEngine:
         want, classes = self.cfg.train.online_probe, num_classes_of(self.dataset)
         if want is None:
             want = bool(classes and classes >= 2)  # on when the training set has labels
+            if not want:
+                log.warning("the training set has no labels (data.kind=%s, data.split=%s): the online probe is off",
+                            self.cfg.data.kind, self.cfg.data.split)
         if not want:
             return None
         if not classes or classes < 2:

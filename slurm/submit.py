@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="submit", description="Run a pipeline stage on Slurm or as local processes, one task per GPU.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Stages: pretrain, linear, semi, knn (Hydra key=value overrides), detection (detectron2 KEY VALUE "
-               "overrides, --config-file, --seeds). Put overrides that start with '-' after '--'.")
-    p.add_argument("stage", help="pretrain | linear | semi | knn | detection")
+        epilog="Stages: pretrain, linear, semi, knn, embed (Hydra key=value overrides), detection (detectron2 KEY "
+               "VALUE overrides, --config-file, --seeds). Put overrides that start with '-' after '--'.")
+    p.add_argument("stage", help="pretrain | linear | semi | knn | embed | detection")
     p.add_argument("overrides", nargs="*", help="Hydra key=value (detection: KEY VALUE pairs)")
     r = p.add_argument_group("resources")
     r.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")

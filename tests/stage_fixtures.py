@@ -17,7 +17,9 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from common.atomic import atomic_torch_save, write_json
 from common.config import compose_config
@@ -219,3 +221,49 @@ def nan_loss_at(engine, bad_step: int):
         return out
 
     engine.objective.forward = patched
+
+
+def write_stl10_binary(root: Path, n_train: int = 20, n_test: int = 10, n_unlabeled: int = 30,
+                       seed: int = 0) -> dict:
+    """STL-10's binary release in miniature under ``root/stl10_binary/``, in the exact on-disk layout of the
+    official files: ``<split>_X.bin`` raw uint8, each image 3 x 96 x 96 stored channel by channel with each
+    channel column-major (torchvision reads ``reshape(-1, 3, 96, 96)`` then swaps the last two axes), and
+    ``<split>_y.bin`` one uint8 label per image, 1-based (1..10); ``class_names.txt`` one name per line.
+    Returns the images (N, 96, 96, 3 as PIL sees them) and 0-based labels per split."""
+    rng = np.random.default_rng(seed)
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, n, labelled in (("train", n_train, True), ("test", n_test, True), ("unlabeled", n_unlabeled, False)):
+        labels = np.arange(n) % 10
+        images = np.empty((n, 96, 96, 3), np.uint8)
+        for i, y in enumerate(labels):  # a class-dependent colour plus noise: learnable, distinct per image
+            base = np.array([25 * y, 255 - 20 * y, (70 * y) % 256], np.float32)
+            images[i] = np.clip(base + rng.normal(0, 30, (96, 96, 3)), 0, 255).astype(np.uint8)
+        # (N, H, W, C) -> on disk (N, C, W, H): channel-major, each channel column-major
+        images.transpose(0, 3, 2, 1).tofile(folder / f"{split}_X.bin")
+        if labelled:
+            (labels + 1).astype(np.uint8).tofile(folder / f"{split}_y.bin")
+        out[split] = (images, labels if labelled else None)
+    (folder / "class_names.txt").write_text("\n".join(
+        ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]) + "\n")
+    return out
+
+
+def write_images(paths, size: int = 16, seed: int = 0) -> None:
+    """Small random JPEG (or PNG, by suffix) files at ``paths`` (folders created)."""
+    rng = np.random.default_rng(seed)
+    for p in paths:
+        p = Path(p)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(p)
+
+
+def randomised(model, seed: int):
+    """Gives every parameter and BN running stat distinct random values, so a wrong mapping is visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + (0.5 if "running_var" in name else 0.0))
+    return model

@@ -57,7 +57,7 @@ def test_extra_stage_env_is_validated(monkeypatch):
 
 
 def test_product_stages_are_registered():
-    assert set(stages.STAGES) == {"pretrain", "linear", "semi", "knn", "detection"}
+    assert set(stages.STAGES) == {"pretrain", "linear", "semi", "knn", "embed", "detection"}
     assert stages.get_stage("pretrain").module == "pretrain.train"
 
 
@@ -418,3 +418,19 @@ def test_real_detection_stage_accepts_a_converted_resnet50(synthetic_root, capsy
             "--config-file", str(ROOT / "configs" / "detection" / "synthetic_R_50_C4.yaml"),
             "MODEL.WEIGHTS", str(tmp_path / "r50.pkl")]
     assert main(argv) == 0, _err(capsys)
+
+
+def test_embed_and_knn_from_a_dump_dry_run_without_image_folders(tmp_path, monkeypatch, capsys):
+    """`submit embed` is a stage; `submit knn knn.features=<embed run>` needs no image folder (none is read),
+    while a missing data folder is still refused before queueing when the images are read."""
+    monkeypatch.chdir(tmp_path)
+    dump = tmp_path / "outputs" / "embed" / "embed"
+    dump.mkdir(parents=True)
+    assert main(["knn", "--cluster", "local", "--dry-run", f"knn.features={dump}", "model.arch=resnet18",
+                 "data.root=/no/such/folder"]) == 0
+    assert main(["knn", "--cluster", "local", "--dry-run", "model.arch=resnet18", "data.root=/no/such/folder"]) == 2
+    assert "/no/such/folder/train" in capsys.readouterr().err
+    assert main(["embed", "--cluster", "local", "--dry-run", "model.arch=resnet18", "data.root=/no/such/folder"]) == 2
+    assert main(["embed", "--cluster", "local", "--dry-run", "model.arch=resnet18", "eval/data=stl10",
+                 f"data.root={tmp_path}"]) == 2
+    assert "stl10_binary/train_X.bin, which does not exist" in capsys.readouterr().err
