@@ -222,6 +222,8 @@ def make_executor(res: Resources, folder: Path, array_parallelism: int | None = 
             params["array_parallelism"] = array_parallelism
         executor.update_parameters(**params)
     else:
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=MAX_NUM_TIMEOUT)
+        from .local import DetachedLocalExecutor  # the job in a session of its own: Ctrl-C reaches submit only
+
+        executor = DetachedLocalExecutor(folder=folder, max_num_timeout=MAX_NUM_TIMEOUT)
         executor.update_parameters(**local_parameters(res))
     return executor
