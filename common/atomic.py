@@ -15,6 +15,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -102,13 +103,27 @@ def write_errors_named(path: str | os.PathLike) -> Iterator[None]:
         if e.errno not in _WRITE_FIXES:
             raise
         problem, fix = _WRITE_FIXES[e.errno]
-        disk = f"; {describe_disk(path)}" if e.errno in _FULL else ""
+        disk = f"{_written(e)}; {describe_disk(path)}" if e.errno in _FULL else ""
         raise WriteError(f"cannot write {path}: {problem} ({e}){disk}; fix: {fix}") from e
     except RuntimeError as e:
         if not any(s in str(e) for s in _TORCH_WRITE_FAILURES):
             raise
+        written = _written(e)
         raise WriteError(f"cannot write {path}: torch's file writer failed ({str(e).splitlines()[0]}), "
-                         f"which means the disk is full or failing; {describe_disk(path)}; fix: {_NO_SPACE}") from e
+                         f"which means the disk is full or failing{written}; {describe_disk(path)}; "
+                         f"fix: {_NO_SPACE}") from e
+
+
+def _written(e: BaseException) -> str:
+    """How much of the file ``_atomic_path`` had written when ``e`` came (its temporary is gone now). The
+    finished frames of ``e``'s traceback are cleared first: a writer they hold (torch's) keeps the deleted
+    temporary open, and its space taken, until they go."""
+    seen: BaseException | None = e
+    while seen is not None:  # torch's writer sits in the frames of the error the failed write raised first
+        traceback.clear_frames(seen.__traceback__)
+        seen = seen.__context__
+    n = getattr(e, "bytes_written", None)
+    return f"; {n} bytes ({_size(n)}) of it were written before the error (deleted again)" if n else ""
 
 
 def check_writable(folder: str | os.PathLike, create: bool = True) -> Path:
@@ -187,6 +202,10 @@ def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):  # how far the write got, for write_errors_named's message
+            e.bytes_written = tmp.stat().st_size  # type: ignore[union-attr]
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

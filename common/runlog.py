@@ -122,13 +122,15 @@ class MetricsLogger:
             return
         row = {"step": int(step), "time": round(time.time(), 3)}
         for k, v in metrics.items():
-            v = v.item() if hasattr(v, "item") else v
-            row[f"{prefix}{k}"] = v
-            if self._tb is not None and isinstance(v, (int, float)) and math.isfinite(float(v)):
-                with write_errors_named(self.run_dir / "tb"):
-                    self._tb.add_scalar(f"{prefix}{k}", v, int(step))
-        with write_errors_named(self.path):
+            row[f"{prefix}{k}"] = v.item() if hasattr(v, "item") else v
+        with write_errors_named(self.path):  # first: the row is the record, TensorBoard's events a view of it
             self._file.write(json.dumps(row, default=jsonable) + "\n")
+        if self._tb is None:
+            return
+        with write_errors_named(self.run_dir / "tb"):
+            for k, v in row.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(float(v)):
+                    self._tb.add_scalar(k, v, int(step))
 
     def close(self, quiet: bool = False) -> None:
         """Closes the file and TensorBoard; ``quiet``: a write error is dropped (the caller is already failing,

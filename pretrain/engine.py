@@ -12,7 +12,11 @@ and trains to the end of the schedule:
   spectrum are reported, and the run stops (``train.on_nonfinite=stop``) or skips the batch (``skip``);
   a skipped batch also puts back the batch-norm statistics its forward moved (online and EMA).
 - Checkpoints (DESIGN.md format, atomic, never with a NaN/inf tensor) every ``train.ckpt_every_steps``
-  steps and at every epoch end; temporaries left by killed writes are removed at start and end.
+  steps and at every epoch end; temporaries left by killed writes are removed at start and end. The
+  ``last.pth`` a write replaces stays as ``last.prev.pth`` when it is readable; a start whose ``last.pth``
+  cannot be read (cut by a full disk, a partial copy, garbage) resumes from the newest readable of
+  ``last.prev.pth`` and the snapshots (``common.checkpoint.find_resume_point``), saying so in the log, in a
+  ``checkpoint_fallback`` metrics row and in ``COMPLETE``; every rank checks that all resume from one step.
   The resumed run continues the same trajectory: the data order and every augmentation are functions of
   ``(seed, epoch, index)`` (``pretrain.data_loading``), and the steps already done in the epoch are skipped;
   a resume with another total of steps (``optim.epochs``, ``train.max_steps``) is refused.
