@@ -19,7 +19,7 @@ target, so a crash never leaves a torn file and the previous checkpoint stays lo
 
 A file can still become unreadable after it was written (a full or broken disk, a partial copy of the run
 folder). So the file about to be replaced is kept as ``<name>.prev.pth`` when it can be read
-(``keep_previous``: a hard link, no copy), and ``find_resume_point`` resumes from the newest readable one of
+(``keep_previous_file``: a hard link, no copy), and ``find_resume_point`` resumes from the newest readable one of
 ``last.pth``, ``last.prev.pth`` and the ``epoch_<N>.pth`` snapshots, saying which files it passed over and why.
 """
 
@@ -46,7 +46,7 @@ SNAPSHOT_PATTERN = "epoch_{epoch}.pth"  # kept every train.keep_every_epochs epo
 
 
 def previous_path(path: str | os.PathLike) -> Path:
-    """Where ``keep_previous`` keeps the file ``path`` replaces: ``last.pth`` -> ``last.prev.pth``."""
+    """Where ``keep_previous_file`` keeps the file ``path`` replaces: ``last.pth`` -> ``last.prev.pth``."""
     path = Path(path)
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
@@ -73,7 +73,7 @@ def nonfinite_tensors(state_dict: dict | None) -> list[str]:
 
 def save_checkpoint(state: dict, path: str | os.PathLike, keep_previous: bool = False) -> Path:
     """Saves a pretraining checkpoint dict (adds format/version) atomically; with ``keep_previous`` the file it
-    replaces stays as ``previous_path(path)`` (``keep_previous``).
+    replaces stays as ``previous_path(path)`` (``keep_previous_file``).
 
     Refuses (CheckpointError, the previous file kept) a state whose model or EMA model holds NaN/inf:
     conversion and evaluation would refuse it anyway, and it would replace the last good checkpoint.
