@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SubmitError
+from .local import DetachedLocalExecutor
 
 SLURM = "slurm"
 LOCAL = "local"
@@ -222,6 +223,7 @@ def make_executor(res: Resources, folder: Path, array_parallelism: int | None = 
             params["array_parallelism"] = array_parallelism
         executor.update_parameters(**params)
     else:
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=MAX_NUM_TIMEOUT)
+        # the job in a session of its own (slurm/local.py): a Ctrl-C in the terminal reaches submit only
+        executor = DetachedLocalExecutor(folder=folder, max_num_timeout=MAX_NUM_TIMEOUT)
         executor.update_parameters(**local_parameters(res))
     return executor

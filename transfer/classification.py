@@ -32,7 +32,7 @@ from torchvision.transforms import v2
 from common import features
 from common.atomic import atomic_torch_save, atomic_write_text, save_figure
 from common.backbone_weights import file_sha256, load_backbone_into, read_backbone_weights
-from common.checkpoint import CheckpointError
+from common.checkpoint import LAST_NAME, CheckpointError, find_resume_point, keep_previous_file
 from common.config import merge_onto_schema, to_plain
 from common.datasets import check_stl10_files, open_image_set, require_labels
 from common.distributed import DistInfo, barrier, get_rank, get_world_size, is_dist
@@ -40,7 +40,7 @@ from common.errors import ConfigError, UserError
 from common.features import EXCLUDED, eval_loader, loader_kw  # noqa: F401 (eval_loader: C.eval_loader for the stages)
 from common.imagefolder import unreadable_files_all_ranks, write_unreadable_list
 from common.resnet import FEATURE_DIMS, build_resnet
-from common.runlog import MetricsLogger, mark_complete, save_config, write_results
+from common.runlog import MetricsLogger, mark_complete, save_config, truncate_metrics, write_results
 from common.schedule import StepSchedule
 from transfer.subsets import resolve_subset_list
 
@@ -507,15 +507,26 @@ def lr_factor_schedule(o: DictConfig, total_steps: int, steps_per_epoch: int) ->
 # ------------------------------------------------------------------------------------------ run scaffolding
 def open_run(run_dir: Path, cfg: DictConfig, info: DistInfo, source: dict) -> tuple[MetricsLogger, dict | None]:
     """config.yaml (rank 0), the metrics logger (a no-op on the other ranks) and the classifier checkpoint
-    to resume (``run_dir/last.pth``, None for a new run), read once here and checked to be of the same
-    weights and config (``check_same_run``) before anything in the folder is rewritten."""
-    ckpt = run_dir / "last.pth"
-    resume = load_classifier_checkpoint(ckpt) if ckpt.exists() else None
-    if resume is not None:
-        check_same_run(resume, cfg, source["sha256"], ckpt)
+    to resume (``run_dir/last.pth``, or when that cannot be read ``last.prev.pth``: ``find_resume_point``; None
+    for a new run), read once here and checked to be of the same weights and config (``check_same_run``) before
+    anything in the folder is rewritten. A resumed run's metrics rows after its checkpoint's step are dropped
+    (they are logged again)."""
+    point = find_resume_point(run_dir / LAST_NAME, load=load_classifier_checkpoint, snapshots=False)
+    resume = point.state if point is not None else None
+    if point is not None:
+        check_same_run(resume, cfg, source["sha256"], point.path)
+        if point.is_fallback:
+            log.warning("checkpoint fallback: %s", point.describe())
     if info.is_main:
+        if point is not None and point.step is not None:
+            truncate_metrics(run_dir, point.step)
         save_config(run_dir, cfg)
-    return MetricsLogger(run_dir, enabled=info.is_main), resume
+    resumed_step = point.step if point is not None else None
+    logger = MetricsLogger(run_dir, enabled=info.is_main,
+                           purge_step=resumed_step + 1 if resumed_step is not None else None)
+    if point is not None and point.is_fallback:
+        logger.log(point.step, checkpoint_fallback=point.record())
+    return logger, resume
 
 
 def results_record(stage: str, cfg: DictConfig, loaded: LoadedBackbone, info: DistInfo, **figures: Any) -> dict:
@@ -631,7 +642,7 @@ def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_l
     total = steps_per_epoch * o.epochs
     factor = lr_factor_schedule(o, total, steps_per_epoch)
     start_epoch, best, history = 0, 0.0, []
-    ckpt = run_dir / "last.pth"
+    ckpt = run_dir / LAST_NAME
     if resume is not None:
         saved = resume
         try:
@@ -680,6 +691,7 @@ def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_l
             log.info("ep %d/%d val top-1 %.2f top-5 %.2f (best top-1 %.2f)", epoch + 1, o.epochs, final["top1"],
                      final["top5"], best)
         if info.is_main:
+            keep_previous_file(ckpt)  # last.prev.pth: what a resume falls back to if last.pth cannot be read
             atomic_torch_save({"format": CLASSIFIER_FORMAT, "model": state_to_save(),
                                "optimizer": optimizer.state_dict(),
                                "epoch": epoch + 1, "step": step, "best_top1": best, "history": history,
