@@ -71,8 +71,8 @@ from .protocol_report import (
     ReportJob,
     job_states,
     local_driver,
+    print_report,
     read_protocol,
-    write_report,
 )
 from .runs import COMPLETE, NEW, SUBMITIT_DIR, RunState, active_jobs, record_submission, run_lock, run_state
 from .stages import StageSpec, compose_stage_config, get_stage
@@ -594,18 +594,18 @@ def _submit_slurm(protocol: Protocol, command: str, wait: bool) -> int:
                               "it, or stop it with Ctrl-C / kill -INT")
         write_json(folder / PROTOCOL_FILE, protocol.record(command))
         for node in protocol.nodes:
-            if node.key == "report" and not submitted:
-                continue  # nothing new: the report of the earlier submission (if any) still comes at its end
             if node.key != "report" and is_complete(node.run_dir):
                 reused.add(node.key)
                 continue
             with run_lock(node.run_dir):
                 active = active_jobs(node.run_dir)
-                if active and node.key != "report":
+                if active and (node.key != "report" or not submitted):  # a new job needs a new report after it
                     job_ids[node.key] = active[-1].job_id
                     handles += [_attach(a, node.run_dir) for a in active]
                     attached.append(node.key)
                     continue
+                if node.key == "report" and not submitted:
+                    continue  # nothing queued: the table is written below
                 job = _queue_node(node, replace(node.res, dependency=_dependency(node, job_ids)), command)
             job_ids[node.key] = str(job.job_id)
             handles.append(job)
@@ -687,13 +687,6 @@ def print_status(folder: Path) -> int:
           + f"; `submit protocol --report {folder}` writes it now")
     return 1 if any(s.state == FAILED for s in states) else 0
 
-
-def print_report(folder: Path) -> int:
-    """Writes and prints the table; exit 1 when a job failed."""
-    summary = write_report(folder)
-    print((folder / "results.md").read_text(), end="")
-    print(f"submit protocol: written {folder / 'results.md'} and {folder / 'results.json'}")
-    return 1 if summary["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,9 +149,11 @@ def job_state(key: str, run_dir: str | Path, blocked_by: Sequence[str] = (), dri
 
 
 def local_driver(folder: str | Path) -> str | None:
-    """``pid <n> on <host>`` of the `submit protocol --cluster local` process running this protocol, if any."""
+    """``pid <n> on <host>`` of the `submit protocol --cluster local` process running this protocol, if any (this
+    process excepted: a driver that returned is not running, even when its caller goes on)."""
     for job in active_jobs(Path(folder)):
-        return f"pid {job.job_id} on {job.record.get('host')}"
+        if job.job_id != str(os.getpid()):
+            return f"pid {job.job_id} on {job.record.get('host')}"
     return None
 
 
@@ -418,18 +421,24 @@ class ReportJob:
         return f"ReportJob({self.folder!r})"
 
 
+def print_report(folder: str | Path) -> int:
+    """Writes and prints the table; 1 when a job failed, else 0."""
+    folder = Path(folder)
+    summary = write_report(folder)
+    print((folder / "results.md").read_text(), end="")
+    print(f"written: {folder / 'results.md'} and {folder / 'results.json'}")
+    return 1 if summary["failed"] else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m slurm.protocol_report", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="the protocol folder, outputs/protocol/<name>")
     args = p.parse_args(argv)
     try:
-        summary = write_report(args.folder)
+        return print_report(args.folder)
     except UserError as e:
         print(f"protocol report: error: {e}", file=sys.stderr)
         return 2
-    print((Path(args.folder) / "results.md").read_text(), end="")
-    print(f"written: {Path(args.folder) / 'results.md'}, {Path(args.folder) / 'results.json'}")
-    return 1 if summary["failed"] else 0
 
 
 if __name__ == "__main__":

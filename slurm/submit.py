@@ -399,7 +399,7 @@ def _attach(active, run_dir: Path):
     """A submitit handle on a Slurm job queued by an earlier `submit` of this run."""
     import submitit
 
-    ntasks = int(active.record.get("nodes", 1)) * int(active.record.get("gpus", 1))
+    ntasks = int(active.record.get("nodes", 1)) * max(1, int(active.record.get("gpus", 1)))  # gpus 0: one CPU task
     return submitit.SlurmJob(folder=run_dir / SUBMITIT_DIR, job_id=active.job_id, tasks=list(range(ntasks)))
 
 

@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -262,11 +263,19 @@ def test_a_running_local_driver_blocks_a_slurm_submission(tiny_synthetic, workdi
     monkeypatch.setattr(P, "_queue", lambda *a: queued.append(a))
     monkeypatch.setattr(P, "_check_cluster", lambda res, dry_run: False)
     folder = workdir / "outputs" / "protocol" / "intl_synthetic"
-    # what `submit protocol --cluster local` records while it runs the graph: its own (live) pid
+    driver = subprocess.Popen(["sleep", "120"])  # stands for another process running the graph
+    try:
+        # what `submit protocol --cluster local` records while it runs the graph: its own (live) pid
+        record_submission(folder, {"cluster": "local", "host": socket.gethostname(), "job_ids": [driver.pid]})
+        assert P.main(["--cluster", "slurm", "--evals", "knn", *tiny_protocol_args(tiny_synthetic)]) == 2
+        assert f"is being run by `submit protocol --cluster local` (pid {driver.pid}" in capsys.readouterr().err
+        assert queued == []
+    finally:
+        driver.kill()
+        driver.wait()
+    # a driver that ended (or this very process, once its driver returned) does not block
     record_submission(folder, {"cluster": "local", "host": socket.gethostname(), "job_ids": [os.getpid()]})
-    assert P.main(["--cluster", "slurm", *tiny_protocol_args(tiny_synthetic)]) == 2
-    assert f"is being run by `submit protocol --cluster local` (pid {os.getpid()}" in capsys.readouterr().err
-    assert queued == []
+    assert R.local_driver(folder) is None
 
 
 # ------------------------------------------------------------------------------------------ status and report
