@@ -1,6 +1,6 @@
 """`submit protocol` without Slurm: the job graph, its dependency parameters, resubmission (reuse, wait, re-run,
 refuse), --dry-run, the evaluation settings per dataset, the paper's reference, --status and the report, on the
-tiny embedded sets. Jobs are not run here (tests/e2e/test_protocol.py runs them)."""
+tiny embedded sets. Jobs are not run here (tests/e2e/test_protocol_e2e.py runs them)."""
 
 from __future__ import annotations
 
