@@ -74,21 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Stages: pretrain, linear, semi, knn, embed (Hydra key=value overrides), detection (detectron2 KEY "
                "VALUE overrides, --config-file, --seeds). Put overrides that start with '-' after '--'.")
-    p.add_argument("stage", help="pretrain | linear | semi | knn | embed | detection")
+    p.add_argument("stage", help="pretrain | linear | semi | knn | embed | detection (or `submit protocol ...`)")
     p.add_argument("overrides", nargs="*", help="Hydra key=value (detection: KEY VALUE pairs)")
-    r = p.add_argument_group("resources")
-    r.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
-    r.add_argument("--gpus", type=int, default=1, help="GPUs per node = processes per node (default 1)")
-    r.add_argument("--cluster", default="auto", choices=CLUSTERS,
-                   help="slurm, local processes, or auto (slurm when sbatch is on PATH)")
-    r.add_argument("--partition", help="Slurm partition (default: the cluster's default partition)")
-    r.add_argument("--time", type=int, default=DEFAULT_TIME_MIN,
-                   help=f"time limit per job in minutes; longer runs requeue themselves (default {DEFAULT_TIME_MIN})")
-    r.add_argument("--cpus-per-gpu", type=int, help="CPU cores per task (Slurm --cpus-per-task)")
-    r.add_argument("--mem-per-gpu", help="memory per GPU, e.g. 32G (Slurm --mem-per-gpu)")
-    r.add_argument("--account", help="Slurm account")
-    r.add_argument("--qos", help="Slurm quality of service")
-    r.add_argument("--constraint", help="Slurm node constraint, e.g. volta32gb")
+    add_resource_arguments(p)
     j = p.add_argument_group("run")
     j.add_argument("--name", help="run name: the run folder is outputs/<stage>/<name> (Hydra key `name`)")
     j.add_argument("--new", action="store_true", help="start a fresh run even if the run folder exists")
@@ -102,7 +90,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_resource_arguments(p: argparse.ArgumentParser) -> None:
+    """The resource options every stage (and `submit protocol`) takes."""
+    r = p.add_argument_group("resources")
+    r.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    r.add_argument("--gpus", type=int, default=1, help="GPUs per node = processes per node (default 1)")
+    r.add_argument("--cluster", default="auto", choices=CLUSTERS,
+                   help="slurm, local processes, or auto (slurm when sbatch is on PATH)")
+    r.add_argument("--partition", help="Slurm partition (default: the cluster's default partition)")
+    r.add_argument("--time", type=int, default=DEFAULT_TIME_MIN,
+                   help=f"time limit per job in minutes; longer runs requeue themselves (default {DEFAULT_TIME_MIN})")
+    r.add_argument("--cpus-per-gpu", type=int, help="CPU cores per task (Slurm --cpus-per-task)")
+    r.add_argument("--mem-per-gpu", help="memory per GPU, e.g. 32G (Slurm --mem-per-gpu)")
+    r.add_argument("--account", help="Slurm account")
+    r.add_argument("--qos", help="Slurm quality of service")
+    r.add_argument("--constraint", help="Slurm node constraint, e.g. volta32gb")
+
+
+# `submit <command> ...` that are not stages: their modules are loaded by name, like the stages' (so that
+# `submit pretrain` does not import them); each has main(argv) with the arguments after the command.
+COMMANDS = {"protocol": "slurm.protocol"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in COMMANDS:
+        import importlib
+
+        return importlib.import_module(COMMANDS[args_list[0]]).main(args_list[1:])
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     try:
@@ -343,7 +358,7 @@ def _queue(plan: Plan, res: Resources, run_dir: Path, argv: list[str]):
         job.command_line = command  # the tasks' provenance.json records this, not the submitit worker's argv
     if res.cluster != SLURM:  # every task of every job runs at once on this machine: share its cores
         for job in plan.jobs:
-            job.cpu_threads = max(1, (os.cpu_count() or 1) // (res.gpus * len(plan.jobs)))
+            job.cpu_threads = max(1, (os.cpu_count() or 1) // (max(1, res.gpus) * len(plan.jobs)))
     if len(plan.jobs) == 1:
         jobs = [executor.submit(plan.jobs[0])]
     else:
@@ -426,7 +441,7 @@ def _attach(active, run_dir: Path):
     """A submitit handle on a Slurm job queued by an earlier `submit` of this run."""
     import submitit
 
-    ntasks = int(active.record.get("nodes", 1)) * int(active.record.get("gpus", 1))
+    ntasks = int(active.record.get("nodes", 1)) * max(1, int(active.record.get("gpus", 1)))  # gpus 0: one CPU task
     return submitit.SlurmJob(folder=run_dir / SUBMITIT_DIR, job_id=active.job_id, tasks=list(range(ntasks)))
 
 

@@ -55,6 +55,43 @@ def tiny_pretrain_overrides(data_root: Path, steps: int, ckpt_every: int) -> lis
             "train.log_every=1", "train.spectrum_every=0"]
 
 
+def tiny_protocol_args(data: Path, *extra: str) -> list[str]:
+    """`submit protocol` arguments of the tiny protocol on the tiny embedded sets (tests/conftest.py
+    ``tiny_synthetic``): a ResNet-50 (detection needs one) pretrained on 16-px views, batch 16, 2 epochs of 7 steps,
+    last.pth every 2 steps, the online probe and the k-NN monitor off; every evaluation cut to a couple of steps
+    and the detection to 2 iterations on 64-px images (the settings of tests/e2e/test_detection_e2e.py)."""
+    coco = data / "coco"
+    sets = [["synthetic_coco_train", str(coco / "instances_train.json"), str(coco)],
+            ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]]
+    detection = {"INTL.COCO_JSON_SETS": repr(sets), "SOLVER.IMS_PER_BATCH": "2", "SOLVER.MAX_ITER": "2",
+                 "SOLVER.STEPS": "(1,)", "SOLVER.WARMUP_ITERS": "1", "SOLVER.CHECKPOINT_PERIOD": "1000",
+                 "SOLVER.AMP.ENABLED": "False", "TEST.PRECISE_BN.ENABLED": "False", "INPUT.MIN_SIZE_TRAIN": "(64,)",
+                 "INPUT.MIN_SIZE_TEST": "64", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": "4",
+                 "MODEL.RPN.POST_NMS_TOPK_TEST": "20", "TEST.DETECTIONS_PER_IMAGE": "10"}
+    return ["pretrain/preset=synthetic", "pretrain/model=resnet50", f"data.root={data / 'classification'}",
+            "data.workers=0", "optim.batch_size=16", "model.projector=[64,64]", "optim.epochs=2",
+            "train.ckpt_every_steps=2", "train.log_every=1", "train.spectrum_every=0", "train.online_probe=false",
+            "train.knn_every=0",
+            "++data.augment.views=[{size:16,min_scale:1.0,max_scale:1.0},{size:16,min_scale:1.0,max_scale:1.0}]",
+            "eval:data.workers=0", "knn:knn.batch_size=64", "linear:optim.epochs=1", "linear:optim.milestones=[1]",
+            "linear:train.max_steps_per_epoch=2", "semi:optim.epochs=1", "semi:train.max_steps_per_epoch=2",
+            *(f"detection:{k}={v}" for k, v in detection.items()), *extra]
+
+
+def wait_for_step(run: Path, step: int, timeout: float = 90) -> int:
+    """Polls ``run/last.pth`` until it holds ``step`` or later (a job running elsewhere); returns that step."""
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            done = int(torch.load(run / "last.pth")["step"])
+            if done >= step:
+                return done
+        except (FileNotFoundError, EOFError, RuntimeError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"the job did not reach step {step} in {timeout} s")
+
+
 def write_counter_config(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "counter.yaml").write_text(COUNTER_YAML)

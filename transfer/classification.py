@@ -33,7 +33,7 @@ from common import features
 from common.atomic import atomic_torch_save, atomic_write_text, save_figure
 from common.backbone_weights import file_sha256, load_backbone_into, read_backbone_weights
 from common.checkpoint import LAST_NAME, CheckpointError, find_resume_point, keep_previous_file
-from common.config import merge_onto_schema, to_plain
+from common.config import differences, merge_onto_schema, to_plain
 from common.datasets import check_stl10_files, open_image_set, require_labels
 from common.distributed import DistInfo, barrier, get_rank, get_world_size, is_dist
 from common.errors import ConfigError, UserError
@@ -402,15 +402,6 @@ def check_finished(identity: dict, allow_unfinished: bool) -> None:
                 what)
 
 
-def _flat(d: Any, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out: dict = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def check_same_run(recorded: dict, cfg: DictConfig, sha256: str | None, where: Path) -> None:
     """Refuses to resume or reuse ``where`` (a classifier checkpoint or results.json holding ``source`` and
     ``config``) for other weights (their bytes' sha256) or a config that differs beyond ``NEUTRAL_KEYS``."""
@@ -426,9 +417,7 @@ def check_same_run(recorded: dict, cfg: DictConfig, sha256: str | None, where: P
         now = f"{cfg.weights} (sha256 {sha256[:12]})" if sha256 else "random initialisation"
         raise StaleRunError(f"{where} was computed from {was} but the weights now are {now}: the checkpoint changed "
                             f"(e.g. the pretraining went on) or another one was passed; {fix}")
-    old, new = _flat(recorded.get("config") or {}), _flat(to_plain(cfg))
-    differ = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in sorted(set(old) | set(new))
-              if old.get(k) != new.get(k) and k not in NEUTRAL_KEYS]
+    differ = differences(recorded.get("config") or {}, to_plain(cfg), ignore=NEUTRAL_KEYS)
     if differ:
         raise StaleRunError(f"{where} was computed with another config ({'; '.join(differ[:8])}); {fix}")
 
