@@ -626,7 +626,7 @@ def _submit_slurm(protocol: Protocol, command: str, wait: bool) -> int:
               f"{folder / 'results.md'} when every job ended (any time: `submit protocol --report {folder}`); "
               f"stop with `scancel {' '.join(job_ids.values())}`")
         return 0
-    status = _wait_or_report(handles)
+    status = _wait_or_report(handles, command)  # the same command resumes the protocol
     if status == 130:
         return status
     return max(status, print_report(folder))
@@ -661,7 +661,7 @@ def _run_local(protocol: Protocol, command: str) -> int:
         with run_lock(node.run_dir):
             job = _queue_node(node, node.res, command)
         print(f"{head}: local job {job.job_id}, logs {job.paths.stdout} | {job.paths.stderr}", flush=True)
-        status = _wait_or_report([job])
+        status = _wait_or_report([job], command)
         if status == 130:
             return status
         if not is_complete(node.run_dir):
