@@ -163,8 +163,8 @@ def test_two_nodes_equal_one_process_only_rank0_writes_and_a_requeue_resumes_on_
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and p.parent.name != "submitit")
     events = [f for f in files if f.startswith("tb/")]
     assert [f for f in files if not f.startswith("tb/")] == sorted([
-        ".submit.lock", "COMPLETE", "config.yaml", "last.pth", "last.prev.pth", "loss.png", "metrics.jsonl", "provenance.json",
-        "spectrum.png", "spectrum_topk.png", "submissions.jsonl"]), files
+        ".submit.lock", "COMPLETE", "config.yaml", "last.pth", "last.prev.pth", "loss.png", "metrics.jsonl",
+        "provenance.json", "spectrum.png", "spectrum_topk.png", "submissions.jsonl"]), files
     assert len(events) == 2 and all(f".{n1}." in f for f in events), events
     attempts = json.loads((run / "provenance.json").read_text())["attempts"]
     assert [a["hardware"]["hostname"] for a in attempts] == [n1, n1], attempts
