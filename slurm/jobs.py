@@ -81,11 +81,12 @@ def export_distributed_env() -> dict[str, str]:
 
 
 
-def _prepare_task(job) -> None:
-    """What every task does first: the job's environment, the distributed variables, the command line, the
-    CPU threads of a local run."""
+def _prepare_task(job, distributed: bool = True) -> None:
+    """What every task does first: the job's environment, the distributed variables (not for a one-process job
+    without a process group), the command line, the CPU threads of a local run."""
     os.environ.update(job.env or {})
-    export_distributed_env()
+    if distributed:
+        export_distributed_env()
     if job.command_line:
         os.environ[COMMAND_LINE_ENV] = job.command_line
     limit_cpu_threads(job.cpu_threads)
@@ -188,10 +189,7 @@ class ConvertJob:
                 "check": True, "run_dir": self.run_dir}
 
     def __call__(self) -> dict:
-        os.environ.update(self.env or {})  # one process, no process group: no distributed variables
-        if self.command_line:
-            os.environ[COMMAND_LINE_ENV] = self.command_line
-        limit_cpu_threads(self.cpu_threads)
+        _prepare_task(self, distributed=False)  # one process, no process group
         run_dir = Path(self.run_dir)
         if is_complete(run_dir):
             print(f"[submit] conversion {run_dir} is already complete", flush=True)

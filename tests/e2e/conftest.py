@@ -71,7 +71,7 @@ def _no_slurm_jobs_left(request):
         return
     subprocess.run(["scancel", *left], capture_output=True, env=env, timeout=60)
     deadline = time.time() + 120
-    while queued() and time.time() < deadline:
+    while (still := queued()) and time.time() < deadline:
         time.sleep(1)
     print(f"\n{request.node.name}: cancelled the Slurm job(s) it left: {' '.join(left)}"
-          + (f"; still queued after 120 s: {' '.join(queued())}" if queued() else ""))
+          + (f"; still queued after 120 s: {' '.join(still)}" if still else ""))
