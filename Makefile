@@ -24,8 +24,9 @@ demo: venv data
 lint: venv
 	$(PY) -m ruff check .
 
+# The suite in two passes (tools/run-tests.sh): the tests without Slurm on one worker per core, then the Slurm tests.
 test: venv data lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PY=$(PY) bash tools/run-tests.sh $(PYTEST_ARGS)
 
 # Unit tests only (skips the slow end-to-end tests).
 test-fast: venv data

@@ -40,8 +40,12 @@ def synthetic_root() -> Path:
     """The default embedded datasets (built by `make data`, regenerated here if missing)."""
     from common.synthetic import SyntheticSpec, generate
 
+    from filelock import FileLock
+
     root = ROOT / "data" / "synthetic"
-    generate(root, SyntheticSpec())
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.parent / ".synthetic.lock"):  # pytest-xdist workers: one generates, the others wait
+        generate(root, SyntheticSpec())
     return root
 
 
@@ -54,23 +58,6 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     generate(root, SyntheticSpec(cls_size=32, cls_train_per_class=12, cls_val_per_class=4,
                                  det_size=96, det_train_images=8, det_val_images=4))
     return root
-
-
-@pytest.fixture(scope="session")
-def synthetic_pretraining(synthetic_root, tmp_path_factory):
-    """A short INTL pretraining by the engine, shared by the slow "pretrained beats random init" tests: the
-    synthetic preset (ResNet-18, 32-px views of the embedded set, batch 64) cut at 150 steps.
-    Returns (composed config, the run's summary)."""
-    from common.config import compose_config
-    from pretrain.train import run
-
-    run_dir = tmp_path_factory.mktemp("pretrain") / "intl_synthetic"
-    cfg = compose_config("pretrain", ["pretrain/preset=synthetic", f"data.root={synthetic_root / 'classification'}",
-                                      f"run_dir={run_dir}", "train.max_steps=150", "train.spectrum_every=0",
-                                      "train.eval_every=2"])
-    summary = run(cfg)
-    assert summary["steps"] == 150 and (run_dir / "last.pth").is_file()
-    return cfg, summary
 
 
 @pytest.fixture

@@ -10,33 +10,9 @@ import torch
 import torch.multiprocessing as mp
 
 from common.backbone_weights import file_sha256
-from common.config import compose_config
 from stage_fixtures import free_port, linear_cfg, random_backbone_file
 from transfer import classification as C
 from transfer import linear
-
-
-def test_linear_pretrained_beats_random_init(synthetic_root, synthetic_pretraining, tmp_path):
-    # The synthetic preset on the embedded set (1000 train / 250 val), a short schedule: 4 epochs x 15 steps,
-    # on the 150-step pretraining of tests/conftest.py. Measured 2026-11-29 (1 thread): pretrained 20.8 vs
-    # random init 11.2 top-1 (top-5 74.8 vs 56.0); chance is 10. "Clearly higher" here: at least 6 points.
-    pretrained_checkpoint = Path(synthetic_pretraining[1]["checkpoint"])
-    short = ("eval/linear=synthetic", f"data.root={synthetic_root / 'classification'}", "optim.epochs=4",
-             "optim.milestones=[3]", "train.eval_every=4", "train.log_every=15")
-    pre = linear.run(compose_config("linear", [*short, f"run_dir={tmp_path / 'pre'}",
-                                               f"weights={pretrained_checkpoint}"]))
-    rnd = linear.run(compose_config("linear", [*short, f"run_dir={tmp_path / 'rnd'}", "model.arch=resnet18"]))
-    print(f"\nlinear eval top-1 on the synthetic val set: pretrained {pre['top1']:.1f} "
-          f"vs random init {rnd['top1']:.1f} (top-5 {pre['top5']:.1f} vs {rnd['top5']:.1f})")
-    assert pre["frozen_backbone_check"] == "passed" and pre["feature_dim"] == 512
-    assert pre["source_checkpoint"] == str(pretrained_checkpoint) and pre["weights_kind"] == "intl-pretrain"
-    for res, d in ((pre, tmp_path / "pre"), (rnd, tmp_path / "rnd")):
-        on_disk = json.loads((d / "results.json").read_text())
-        assert on_disk["top1"] == res["top1"] and on_disk["epochs"] == 4 and on_disk["subset"] is None
-        assert {"top1", "top5", "epochs", "subset", "source_checkpoint", "config"} <= set(on_disk)
-        assert (d / "COMPLETE").exists() and (d / "config.yaml").exists() and any((d / "tb").iterdir())
-        assert (d / "accuracy.png").exists() and (d / "results.md").exists()
-    assert pre["top1"] >= rnd["top1"] + 6.0, (pre["top1"], rnd["top1"])
 
 
 def test_frozen_check_fails_when_the_backbone_is_made_trainable(tiny_synthetic, tmp_path, monkeypatch):
