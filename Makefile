@@ -5,6 +5,9 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.intl-stamp
 DATA  := data/synthetic
 PYTEST_ARGS ?=
+# Every process of the demo, the tests and the benchmarks starts with the glibc malloc settings of CPU runs
+# (defined once, in common/cpu_allocator.py; stages on the CPU also apply them at run time).
+CPU_ENV = env $$($(PY) -m common.cpu_allocator --env)
 
 .PHONY: venv data demo lint test test-fast bench clean-outputs
 
@@ -18,21 +21,21 @@ data: venv
 	$(PY) -m common.synthetic --out $(DATA)
 
 demo: venv data
-	$(PY) tools/demo.py $(DEMO_ARGS)
+	$(CPU_ENV) $(PY) tools/demo.py $(DEMO_ARGS)
 
 # ruff ([tool.ruff] in pyproject.toml): pycodestyle, pyflakes, import order, bugbear.
 lint: venv
 	$(PY) -m ruff check .
 
 test: venv data lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(CPU_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 # Unit tests only (skips the slow end-to-end tests).
 test-fast: venv data
-	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(CPU_ENV) $(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
 
 bench: venv data
-	$(PY) -m benchmarks $(BENCH_ARGS)
+	$(CPU_ENV) $(PY) -m benchmarks $(BENCH_ARGS)
 
 clean-outputs:
 	rm -rf outputs

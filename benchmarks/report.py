@@ -20,8 +20,9 @@ def _fmt(x: float) -> str:
 
 def markdown_table(rows: list[Row]) -> str:
     """Timing / throughput rows as one table; robustness rows (counts) as a second one."""
-    timed = [r for r in rows if not r.benchmark.endswith("robustness")]
+    timed = [r for r in rows if not r.benchmark.endswith(("robustness", "profile"))]
     counted = [r for r in rows if r.benchmark.endswith("robustness")]
+    profiled = [r for r in rows if r.benchmark.endswith("profile")]
     lines = []
     if timed:
         lines += ["| benchmark | case | variant | unit | median | min | max | ratio to baseline |",
@@ -29,6 +30,9 @@ def markdown_table(rows: list[Row]) -> str:
         for r in timed:
             ratio = "baseline" if r.baseline is None else f"**{r.ratio:.2f}x**"
             extra = f" (peak RSS {r.extra['peak_rss_mb']:.0f} MiB)" if "peak_rss_mb" in r.extra else ""
+            if "page_faults_per_step" in r.extra:
+                extra += (f"; {r.extra['page_faults_per_step']:,.0f} page faults and {r.extra['sys_s_per_step']:.2f} s "
+                          f"kernel time per step, steps within +-{r.extra['step_spread_pct'] / 2:.0f}%")
             if "overhead_pct_objective" in r.extra:
                 extra += (f"; INTL overhead {r.extra['overhead_pct_objective']:+.2f}% of the step from the "
                           f"objectives alone, {r.extra['overhead_pct_steps']:+.2f}% from the full steps")
@@ -37,6 +41,7 @@ def markdown_table(rows: list[Row]) -> str:
         lines.append("")
         lines.append("ratio = speed-up over the baseline of the same case (baseline time / time, or "
                      "throughput / baseline throughput); > 1 is faster.")
+        lines += [f"- {r.benchmark}: {note}" for r in timed for note in r.extra.get("notes", [])]
     if counted:
         lines += ["", "| whitening robustness case | method | failed / trials | eigh error | non-finite output | "
                       "non-finite grad | median max abs grad (ok trials) |",
@@ -46,7 +51,25 @@ def markdown_table(rows: list[Row]) -> str:
             g = e.get("median_max_abs_grad")
             lines.append(f"| {r.case} | {r.variant} | {int(r.values[0])} / {e['trials']} | {e['eigh_error']} | "
                          f"{e['nonfinite_output']} | {e['nonfinite_grad']} | {'-' if g is None else f'{g:.3g}'} |")
+    if profiled:
+        lines += ["", profile_table(profiled)]
     return "\n".join(lines) + "\n"
+
+
+def profile_table(rows: list[Row]) -> str:
+    """Per-operation profiles (``<variant>: <op>`` rows): a table per variant, ms per image and share."""
+    variants = list(dict.fromkeys(r.variant.split(": ", 1)[0] for r in rows))
+    lines = []
+    for v in variants:
+        mine = [r for r in rows if r.variant.startswith(v + ": ")]
+        lines += [f"| {r0.case} profile, {v}: operation | ms per image (median) | min | max | share |"
+                  for r0 in mine[:1]]
+        lines.append("|---|---:|---:|---:|---:|")
+        for r in mine:
+            lines.append(f"| {r.variant.split(': ', 1)[1]} | {_fmt(r.median)} | {_fmt(min(r.values))} | "
+                         f"{_fmt(max(r.values))} | {r.extra['share_pct']:.0f}% |")
+        lines += [f"| **total** | **{_fmt(sum(r.median for r in mine))}** | | | |", ""]
+    return "\n".join(lines)
 
 
 def machine_block(machine: dict) -> str:
@@ -62,7 +85,7 @@ def plot_ratios(rows: list[Row], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     data = [(f"{r.benchmark}: {r.case}\n{r.variant}", r.ratio) for r in rows
-            if r.baseline is not None and r.ratio is not None and not r.benchmark.endswith("robustness")]
+            if r.baseline is not None and r.ratio is not None and not r.benchmark.endswith(("robustness", "profile"))]
     if not data:
         return None
     fig, ax = plt.subplots(figsize=(9, 0.7 * len(data) + 1.2))

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from common.cpu_allocator import tune_cpu_allocator
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -32,7 +34,8 @@ class DistInfo:
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
-    """Initialises the default process group from the environment (idempotent)."""
+    """Initialises the default process group from the environment (idempotent). A process that computes on
+    the CPU also gets the malloc settings of ``common.cpu_allocator`` here (the one start every stage shares)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -40,6 +43,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1)) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    tune_cpu_allocator(device)
     backend = None
     if world_size > 1:
         backend = "nccl" if use_cuda else "gloo"
