@@ -67,7 +67,9 @@ def run(quick: bool = False, warmup: int = 1, repeats: int = 5, log=print, steps
     cands = candidates(log)
     if quick:  # the smoke test: the child processes and their measurements, not every candidate
         cands = {k: v for k, v in cands.items() if k == BASELINE or "run time" in k}
-    spec = {"overrides": overrides, "image": image, "warmup": max(warmup, 1), "steps": steps, "threads": 1}
+    # 2 warm-up steps at least: with the settings, the heap reaches its steady layout during the first steps
+    spec = {"overrides": overrides, "image": image, "warmup": 1 if quick else max(warmup, 2), "steps": steps,
+            "threads": 1}
     results: dict[str, list[dict]] = {name: [] for name in cands}
     log(f"[allocator] {case}: {len(cands)} candidates x {repeats} repeats, each a fresh process "
         f"({spec['warmup']} warm-up + {steps} timed steps)")

@@ -61,13 +61,13 @@ def tune_malloc() -> bool:
     another allocator in ``LD_PRELOAD`` (jemalloc, tcmalloc), malloc settings of their own (other values of
     ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_``, ``glibc.malloc`` in ``GLIBC_TUNABLES``)."""
     global _TUNED_PID
-    if _TUNED_PID == os.getpid():
-        return True
     env = os.environ
     if (env.get(OPT_OUT_ENV) == "default" or "malloc" in env.get("LD_PRELOAD", "")
             or "glibc.malloc" in env.get("GLIBC_TUNABLES", "")
             or any(k in env and env[k] != v for k, v in MALLOC_ENV.items())):
         return False
+    if _TUNED_PID == os.getpid():
+        return True
     libc = _glibc()
     if libc is None:
         return False
