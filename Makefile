@@ -5,9 +5,9 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.intl-stamp
 DATA  := data/synthetic
 PYTEST_ARGS ?=
-# Every process of the demo, the tests and the benchmarks starts with the glibc malloc settings of CPU runs
-# (defined once, in common/cpu_allocator.py; stages on the CPU also apply them at run time).
-CPU_ENV = env $$($(PY) -m common.cpu_allocator --env)
+# Every process of the demo, the tests and the benchmarks starts with the settings of CPU runs (glibc malloc,
+# OpenMP waiting; defined once, in common/cpu_env.py; stages on the CPU also apply the malloc ones at run time).
+CPU_ENV = env $$($(PY) -m common.cpu_env --env)
 
 .PHONY: venv data demo lint test test-fast bench clean-outputs
 

@@ -6,11 +6,11 @@ Benchmarks: ``whitening`` (IterNorm vs eigendecomposition: time and robustness c
 INTL training step vs a trivial loss, peak RSS), ``probe`` (the step with the monitor's online probe vs
 without), ``pipeline`` (pretraining augmentation, images/s/core,
 vs the reference code's PIL pipeline, and its per-operation profile), ``allocator`` (the engine's step under
-glibc's default malloc vs ``common.cpu_allocator``'s settings, jemalloc, tcmalloc), ``threads`` (processes x
+glibc's default malloc vs ``common.cpu_env``'s settings, jemalloc, tcmalloc), ``threads`` (processes x
 threads of a CPU gloo run). ``--gpu`` runs the GPU-node check instead (``gpu``: the engine step with
 channels_last / torch.compile, the loader's images/s, whether it keeps up; the CPU when there is no CUDA).
 ``--quick`` runs each once at tiny sizes (the smoke test). This process computes with
-``common.cpu_allocator``'s malloc settings, like every stage on the CPU.
+``common.cpu_env``'s malloc settings, like every stage on the CPU.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from benchmarks import (
     report,
 )
 from benchmarks.common import add_ratios, machine_info, set_threads
-from common.cpu_allocator import tune_cpu_allocator
+from common.cpu_env import tune_cpu_allocator
 
 BENCHMARKS = ("whitening", "step", "probe", "pipeline", "allocator", "threads")
 ON_REQUEST = ("gpu",)  # not in the default run: --gpu (or --only gpu)

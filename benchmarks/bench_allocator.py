@@ -1,5 +1,5 @@
 """The CPU allocator: the engine's ResNet-50 step under glibc's default malloc, the settings of
-``common.cpu_allocator`` (as environment variables, and applied at run time by ``mallopt``), jemalloc and
+``common.cpu_env`` (as environment variables, and applied at run time by ``mallopt``), jemalloc and
 tcmalloc (Debian's libjemalloc2 / libtcmalloc-minimal4 through ``LD_PRELOAD``; left out, with the apt line,
 when not installed).
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import Row
 from benchmarks.engine_step import run_children
-from common.cpu_allocator import MALLOC_ENV, OPT_OUT_ENV
+from common.cpu_env import MALLOC_ENV, OPT_OUT_ENV
 
 NAME = "allocator"
 LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
@@ -39,14 +39,14 @@ def find_library(filename: str) -> Path | None:
 def candidates(log=print) -> dict[str, tuple[dict, dict]]:
     """name -> the child's environment (None: the variable removed); the preloads only when installed.
 
-    The stages apply ``common.cpu_allocator``'s settings at run time unless told otherwise, so the baseline and the
+    The stages apply ``common.cpu_env``'s settings at run time unless told otherwise, so the baseline and the
     environment-variable candidate opt out of that (``INTL_MALLOC=default``); a preload opts out by itself."""
     off = {**dict.fromkeys(MALLOC_ENV), "LD_PRELOAD": None, "GLIBC_TUNABLES": None, OPT_OUT_ENV: None}
     out = {
         BASELINE: {**off, OPT_OUT_ENV: "default"},
-        "glibc, common.cpu_allocator as env (" + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()) + ")":
+        "glibc, common.cpu_env as env (" + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()) + ")":
             {**off, **MALLOC_ENV, OPT_OUT_ENV: "default"},
-        "glibc, common.cpu_allocator by mallopt at run time (what the stages do)": off,
+        "glibc, common.cpu_env by mallopt at run time (what the stages do)": off,
     }
     for name, (filename, package) in PRELOADS.items():
         lib = find_library(filename)

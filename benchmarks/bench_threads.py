@@ -5,7 +5,7 @@ default split of ``common.distributed.cpu_threads_per_process`` (cores / process
 more threads per process (OpenMP's threads spin-wait between parallel regions and take the cores from gloo's
 threads and from the other process), with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep instead), and against
 one process with every core (no gloo; the same global batch), spinning and passive. Settings of the demo's
-pretraining (ResNet-18, 32-px views, global batch 64, projector 3 x 512); ``common.cpu_allocator``'s malloc
+pretraining (ResNet-18, 32-px views, global batch 64, projector 3 x 512); ``common.cpu_env``'s malloc
 settings applied at run time in every process (what the stages run with). Each candidate in its own
 processes, interleaved repeat by repeat; images/s of the whole group (global batch / step time).
 """
@@ -17,7 +17,7 @@ import statistics
 
 from benchmarks.common import Row
 from benchmarks.engine_step import run_children
-from common.cpu_allocator import MALLOC_ENV, OPT_OUT_ENV
+from common.cpu_env import MALLOC_ENV, OPT_OUT_ENV
 
 NAME = "threads"
 

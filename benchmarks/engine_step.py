@@ -85,7 +85,7 @@ def _usage() -> dict:
 def child_main(spec: dict) -> dict:
     """One process of a candidate: build the engine of ``spec["overrides"]``, time ``spec["steps"]`` steps
     after ``spec["warmup"]``; page faults and CPU times over the timed steps, the process's peak RSS.
-    (``init_distributed`` applies ``common.cpu_allocator``'s settings unless the environment says otherwise.)"""
+    (``init_distributed`` applies ``common.cpu_env``'s settings unless the environment says otherwise.)"""
     info = init_distributed()
     cpu_threads_per_process(info)
     if spec.get("threads"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from common.cpu_allocator import tune_cpu_allocator
+from common.cpu_env import tune_cpu_allocator
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class DistInfo:
 
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     """Initialises the default process group from the environment (idempotent). A process that computes on
-    the CPU also gets the malloc settings of ``common.cpu_allocator`` here (the one start every stage shares)."""
+    the CPU also gets the malloc settings of ``common.cpu_env`` here (the one start every stage shares)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

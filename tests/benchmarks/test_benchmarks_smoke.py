@@ -67,7 +67,7 @@ def test_gpu_check_quick_runs_the_engine_step_and_the_loader_and_says_what_it_me
 
 def test_allocator_and_thread_candidates():
     from benchmarks import bench_allocator, bench_threads
-    from common.cpu_allocator import MALLOC_ENV, OPT_OUT_ENV
+    from common.cpu_env import MALLOC_ENV, OPT_OUT_ENV
 
     logged = []
     found = {"libjemalloc.so.2": Path("/lib/libjemalloc.so.2")}

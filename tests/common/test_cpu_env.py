@@ -1,6 +1,7 @@
-"""The malloc settings of CPU runs: they stop the page faults of a training step's large blocks, every stage
-gets them (init_distributed), the Makefile starts the demo, the tests and the benchmarks with them, and a
-user's own allocator choice is left alone."""
+"""The settings of CPU runs: the malloc settings stop the page faults of a training step's large blocks, every
+stage gets them (init_distributed), the Makefile starts the demo, the tests and the benchmarks with all of them,
+`submit --cluster local` passes them to its processes on a machine without CUDA, and a user's own choice is
+left alone."""
 
 import json
 import os
@@ -9,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from common import cpu_allocator
-from common.cpu_allocator import MALLOC_ENV, OPT_OUT_ENV, tune_cpu_allocator, tune_malloc
+from common import cpu_env
+from common.cpu_env import CPU_ENV, MALLOC_ENV, OMP_ENV, OPT_OUT_ENV, export_cpu_env, tune_cpu_allocator, tune_malloc
+from slurm.executor import LOCAL, Resources, make_executor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,12 +74,24 @@ def test_a_users_own_allocator_choice_is_left_alone(monkeypatch):
 
 
 def test_the_makefile_starts_demo_test_and_bench_with_the_settings():
-    line = subprocess.run([sys.executable, "-m", "common.cpu_allocator", "--env"], cwd=ROOT, capture_output=True,
+    line = subprocess.run([sys.executable, "-m", "common.cpu_env", "--env"], cwd=ROOT, capture_output=True,
                           text=True, check=True).stdout.split()
-    assert dict(kv.split("=", 1) for kv in line) == MALLOC_ENV
+    assert dict(kv.split("=", 1) for kv in line) == CPU_ENV
     dry = subprocess.run(["make", "-n", "-o", "venv", "-o", "data", "-o", "lint", "-o", ".venv/.intl-stamp",
                           "demo", "test", "test-fast", "bench"], cwd=ROOT, capture_output=True, text=True, check=True)
     commands = [c for c in dry.stdout.splitlines() if "tools/demo.py" in c or "-m pytest" in c or "-m benchmarks" in c]
     assert len(commands) == 4
-    assert all(c.startswith("env $(.venv/bin/python -m common.cpu_allocator --env) ") for c in commands), commands
-    assert cpu_allocator.main(["--env"]) == 0
+    assert all(c.startswith("env $(.venv/bin/python -m common.cpu_env --env) ") for c in commands), commands
+    assert cpu_env.main(["--env"]) == 0
+
+
+def test_local_processes_get_the_settings_the_user_did_not_set(monkeypatch, tmp_path):
+    for key in (*CPU_ENV, OPT_OUT_ENV, "LD_PRELOAD", "GLIBC_TUNABLES"):
+        monkeypatch.setenv(key, "")  # recorded, so that the teardown restores the test process's environment
+        monkeypatch.delenv(key)
+    assert export_cpu_env({"OMP_WAIT_POLICY": "ACTIVE"}) == MALLOC_ENV  # the user's value wins
+    jemalloc = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}
+    assert export_cpu_env(jemalloc) == OMP_ENV and "MALLOC_MMAP_MAX_" not in jemalloc
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    make_executor(Resources(cluster=LOCAL, gpus=2), tmp_path)  # submit --cluster local on a CPU machine
+    assert {k: os.environ.get(k) for k in CPU_ENV} == CPU_ENV  # what the LocalExecutor's processes inherit
