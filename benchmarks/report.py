@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks import bench_whitening
 from benchmarks.common import Row
 from common.atomic import atomic_write_text, save_figure, write_json
 
@@ -38,14 +39,15 @@ def markdown_table(rows: list[Row]) -> str:
         lines.append("ratio = speed-up over the baseline of the same case (baseline time / time, or "
                      "throughput / baseline throughput); > 1 is faster.")
     if counted:
-        lines += ["", "| whitening robustness case | method | failed / trials | eigh error | non-finite output | "
-                      "non-finite grad | median max abs grad (ok trials) |",
+        lines += ["", "| whitening robustness case | method | failed / trials | LinAlgError | non-finite output | "
+                      "non-finite grad | median (max) of max abs grad (ok trials) |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for r in counted:
             e = r.extra
-            g = e.get("median_max_abs_grad")
-            lines.append(f"| {r.case} | {r.variant} | {int(r.values[0])} / {e['trials']} | {e['eigh_error']} | "
-                         f"{e['nonfinite_output']} | {e['nonfinite_grad']} | {'-' if g is None else f'{g:.3g}'} |")
+            g, gmax = e.get("median_max_abs_grad"), e.get("max_max_abs_grad")
+            grad = "-" if g is None else f"{g:.3g}" + (f" ({gmax:.3g})" if gmax is not None else "")
+            lines.append(f"| {r.case} | {r.variant} | {int(r.values[0])} / {e['trials']} | {e['linalg_error']} | "
+                         f"{e['nonfinite_output']} | {e['nonfinite_grad']} | {grad} |")
     return "\n".join(lines) + "\n"
 
 
@@ -84,9 +86,11 @@ def write_all(result: dict, rows: list[Row], out: Path, stem: str) -> list[Path]
     out.mkdir(parents=True, exist_ok=True)
     paths = [write_json(out / f"{stem}.json", result)]
     md = (f"# Benchmarks {result['created_utc']}\n\n`{result['command']}`, settings {result['settings']}\n\n"
-          + markdown_table(rows) + "\n## Machine\n" + machine_block(result["machine"]) + "\n")
+          + markdown_table(rows) + "\n" + bench_whitening.summary_markdown(rows)
+          + "\n## Machine\n" + machine_block(result["machine"]) + "\n")
     paths.append(atomic_write_text(out / f"{stem}.md", md))
-    png = plot_ratios(rows, out / f"{stem}.png")
-    if png is not None:
-        paths.append(png)
+    whitening_png = bench_whitening.plot_summary(rows, out / f"{stem}-whitening.png")
+    for png in (plot_ratios(rows, out / f"{stem}.png"), whitening_png):
+        if png is not None:
+            paths.append(png)
     return paths
