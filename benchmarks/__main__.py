@@ -5,7 +5,8 @@ Outputs (atomically) ``benchmarks/results/<YYYY-MM-DD>.json`` (every repeat, the
 Benchmarks: ``whitening`` (IterNorm vs eigendecomposition: time and robustness counts), ``step`` (full
 INTL training step vs a trivial loss, peak RSS), ``probe`` (the step with the monitor's online probe vs
 without), ``pipeline`` (pretraining augmentation, images/s/core,
-vs the reference code's PIL pipeline). ``--quick`` runs each once at tiny sizes (the smoke test).
+vs the reference code's PIL pipeline), ``compile`` (the step with ``torch.compile`` of the network vs eager,
+and the objective alone). ``--quick`` runs each once at tiny sizes (the smoke test).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import bench_pipeline, bench_probe, bench_step, bench_whitening, report
+from benchmarks import bench_compile, bench_pipeline, bench_probe, bench_step, bench_whitening, report
 from benchmarks.common import add_ratios, machine_info, set_threads
 
-BENCHMARKS = ("whitening", "step", "probe", "pipeline")
+BENCHMARKS = ("whitening", "step", "probe", "pipeline", "compile")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             rows += bench_probe.run(**common)
         elif name == "pipeline":
             rows += bench_pipeline.run(num_images=args.images, **common)
+        elif name == "compile":
+            rows += bench_compile.run(**common)
         timings[name] = round(time.perf_counter() - t0, 1)
         log(f"[bench] {name} done in {timings[name]}s")
     add_ratios(rows)

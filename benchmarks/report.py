@@ -30,6 +30,8 @@ def markdown_table(rows: list[Row]) -> str:
         for r in timed:
             ratio = "baseline" if r.baseline is None else f"**{r.ratio:.2f}x**"
             extra = f" (peak RSS {r.extra['peak_rss_mb']:.0f} MiB)" if "peak_rss_mb" in r.extra else ""
+            if "compile_seconds" in r.extra:
+                extra += f" (compiled in {r.extra['compile_seconds']:.0f} s, {r.extra['backend']})"
             if "overhead_pct_objective" in r.extra:
                 extra += (f"; INTL overhead {r.extra['overhead_pct_objective']:+.2f}% of the step from the "
                           f"objectives alone, {r.extra['overhead_pct_steps']:+.2f}% from the full steps")

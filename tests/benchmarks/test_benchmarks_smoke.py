@@ -24,7 +24,7 @@ def test_python_m_benchmarks_quick_writes_json_markdown_png(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "smoke.json").read_text())
     benches = {r["benchmark"] for r in result["rows"]}
-    assert benches == {"whitening", "whitening-robustness", "step", "probe", "pipeline"}
+    assert benches == {"whitening", "whitening-robustness", "step", "probe", "pipeline", "compile"}
     for r in result["rows"]:
         assert r["values"] and all(math.isfinite(v) for v in r["values"])
         assert r["ratio"] is not None and math.isfinite(r["ratio"]) and r["ratio"] > 0
@@ -36,6 +36,7 @@ def test_python_m_benchmarks_quick_writes_json_markdown_png(tmp_path):
     md = (tmp_path / "smoke.md").read_text()
     assert "| benchmark | case | variant |" in md and "## Machine" in md and "peak RSS" in md
     assert (tmp_path / "smoke.png").stat().st_size > 1000
+    assert "(compiled in " in md  # the compile benchmark's first call is timed on its own
     # the whitening table: every method's time on every case, and its failures on every ill-conditioned case
     section = md[md.index("## Whitening"):md.index("## Machine")]
     for name in METHODS:
