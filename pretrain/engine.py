@@ -292,6 +292,14 @@ class PretrainEngine:
         self.target_forward = self.target
         if cfg.train.compile:
             check_compile_support(self.device)
+            if world > 1 and cfg.model.sync_bn:
+                # The cross-process batch norm's collective is an autograd.Function that dynamo traces as a
+                # higher-order op, which torch 2.3's DDPOptimizer refuses ("Found a higher order op in the graph"):
+                # one graph instead, its gradients all-reduced by DDP's reducer after the backward (no overlap).
+                torch._dynamo.config.optimize_ddp = False
+                log.warning("train.compile with model.sync_bn over %d processes: torch.compile without DDP's graph "
+                            "split (torch 2.3 cannot split a graph holding the batch norm's collective), so the "
+                            "gradient all-reduce no longer overlaps the backward", world)
             self.model = torch.compile(self.model)
             if self.target is not None:
                 self.target_forward = torch.compile(self.target)

@@ -86,3 +86,42 @@ def test_compile_on_cpu_without_a_cxx_compiler_is_refused_with_the_fix(monkeypat
     with pytest.raises(E.ConfigError, match=r"train.compile=true on CPU needs a C\+\+ compiler.*train.compile=false"):
         E.check_compile_support(torch.device("cpu"))
     E.check_compile_support(torch.device("cuda"))  # not checked on GPUs (inductor writes Triton kernels there)
+
+
+def _two_process_worker(rank: int, world: int, port: int, data_root: str, out: str) -> None:
+    import functools
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    from common.distributed import cleanup
+
+    E.build_network = lambda cfg_model: _TinyNetwork(list(cfg_model.projector))
+    # dynamo + AOTAutograd without inductor's C++ code generation: what fails with DDP and SyncBN is dynamo's
+    # DDPOptimizer, and the kernels are the single-process test's business
+    torch.compile = functools.partial(torch.compile, backend="aot_eager")
+    try:
+        for name, extra in (("eager", ()), ("compiled", ("train.compile=true",))):
+            engine = build_engine(compose_pretrain(tiny_overrides(
+                Path(data_root), Path(out) / name, "train.max_steps=3", "model.projector=[32,32]", *extra)))
+            engine.fit()
+    finally:
+        cleanup()
+
+
+def test_compile_with_ddp_and_sync_batchnorm_over_two_processes_takes_the_same_steps(tiny_synthetic, tmp_path):
+    """torch.compile of the DDP-wrapped network holding the cross-process batch norm: torch 2.3's DDPOptimizer
+    refuses the graph (the BN's collective is a higher-order op in it), so the engine turns the DDP graph split
+    off; the two processes then train the same steps as eager."""
+    import torch.multiprocessing as mp
+
+    from stage_fixtures import free_port
+
+    mp.start_processes(_two_process_worker, args=(2, free_port(), str(tiny_synthetic), str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    want, got = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    print(f"2 processes, losses eager {want}, compiled {got}")
+    assert sorted(got) == [1, 2, 3] and all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in want)
