@@ -5,12 +5,12 @@ Outputs (atomically) ``benchmarks/results/<YYYY-MM-DD>.json`` (every repeat, the
 Benchmarks: ``whitening`` (IterNorm vs eigendecomposition: time and robustness counts), ``step`` (full
 INTL training step vs a trivial loss, peak RSS), ``probe`` (the step with the monitor's online probe vs
 without), ``pipeline`` (pretraining augmentation, images/s/core,
-vs the reference code's PIL pipeline, and its per-operation profile), ``allocator`` (the engine's step under
-glibc's default malloc vs ``common.cpu_env``'s settings, jemalloc, tcmalloc), ``threads`` (processes x
-threads of a CPU gloo run). ``--gpu`` runs the GPU-node check instead (``gpu``: the engine step with
-channels_last / torch.compile, the loader's images/s, whether it keeps up; the CPU when there is no CUDA).
-``--quick`` runs each once at tiny sizes (the smoke test). This process computes with
-``common.cpu_env``'s malloc settings, like every stage on the CPU.
+vs the reference code's PIL pipeline, and its per-operation profile), ``compile`` (the step with ``torch.compile``
+of the network vs eager, and the objective alone), ``allocator`` (the engine's step under glibc's default malloc vs
+``common.cpu_env``'s settings, jemalloc, tcmalloc), ``threads`` (processes x threads of a CPU gloo run). ``--gpu``
+runs the GPU-node check instead (``gpu``: the engine step with channels_last / torch.compile, the loader's
+images/s, whether it keeps up; the CPU when there is no CUDA). ``--quick`` runs each once at tiny sizes (the smoke
+test). This process computes with ``common.cpu_env``'s malloc settings, like every stage on the CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from benchmarks import (
     bench_allocator,
+    bench_compile,
     bench_gpu,
     bench_pipeline,
     bench_probe,
@@ -36,7 +37,7 @@ from benchmarks import (
 from benchmarks.common import add_ratios, machine_info, set_threads
 from common.cpu_env import tune_cpu_allocator
 
-BENCHMARKS = ("whitening", "step", "probe", "pipeline", "allocator", "threads")
+BENCHMARKS = ("whitening", "step", "probe", "pipeline", "compile", "allocator", "threads")
 ON_REQUEST = ("gpu",)  # not in the default run: --gpu (or --only gpu)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -94,6 +95,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             rows += bench_probe.run(**common)
         elif name == "pipeline":
             rows += bench_pipeline.run(num_images=args.images, **common)
+        elif name == "compile":
+            rows += bench_compile.run(**common)
         elif name == "allocator":
             rows += bench_allocator.run(**common)
         elif name == "threads":

@@ -4,8 +4,8 @@
    ResNet-50, projector 3 x 8192, the paper's two 224-px views, ``train.amp=bf16``) on random views already on
    the GPU, with ``train.channels_last`` off / on and with ``torch.compile`` of the network off / on: the four
    variants interleaved round by round after warm-up (compilation, cuDNN autotuning), images/s per GPU.
-   ``torch.compile`` is applied here to the engine's model directly; once the engine has its own
-   ``train.compile`` flag, that is what this should switch on.
+   The compiled variants are ``torch.compile(engine.model)``, what ``train.compile=true`` does in a one-process
+   run; the check calls it itself so that its smoke test can choose a backend without code generation.
 2. The loader: the engine's own DataLoader (``RobustImageFolder`` + ``pretrain.augment``, the same views,
    ``common.imagefolder.dataloader_defaults``) over ImageNet-like JPEGs with one worker per usable core of the
    node, images/s over whole epochs after the workers started.

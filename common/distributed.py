@@ -13,6 +13,7 @@ import gc
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -106,6 +107,19 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_dist():
         dist.all_reduce(y)
     return y
+
+
+def all_reduce_sum_start(x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Starts summing ``x`` over ranks in place without waiting (``async_op``); the returned function waits and
+    returns ``x`` (the sum). Nothing to wait for in one process. The read of the result is the caller's."""
+    if not is_dist():
+        return lambda: x
+    work = dist.all_reduce(x, async_op=True)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        return x
+    return wait
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
