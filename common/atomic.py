@@ -13,7 +13,9 @@ import glob
 import json
 import os
 import pickle
+import shutil
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,9 +45,56 @@ _WRITE_FIXES = {
 _TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed")
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    while not os.path.ismount(path) and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _file_system(mount: Path) -> str:
+    """The type and device of the file system mounted at ``mount`` (Linux /proc/mounts), or ""."""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    found = ""
+    for line in lines:  # "device mountpoint type options 0 0" (spaces in paths as \040); the last mount wins
+        parts = line.split()
+        if len(parts) >= 3 and parts[1].replace("\\040", " ") == str(mount):
+            found = f"{parts[2]} {parts[0]}"
+    return found
+
+
+def describe_disk(path: str | os.PathLike) -> str:
+    """The disk holding ``path``: its mount point, file system, and free / total bytes (``statvfs``)."""
+    mount = _mount_point(Path(path))
+    fs = _file_system(mount)
+    try:
+        usage = shutil.disk_usage(mount)
+    except OSError:
+        return f"the disk mounted at {mount}" + (f" ({fs})" if fs else "")
+    return (f"the disk mounted at {mount}" + (f" ({fs})" if fs else "") + f" has {usage.free} bytes free "
+            f"({_size(usage.free)} of {_size(usage.total)})")
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 @contextlib.contextmanager
 def write_errors_named(path: str | os.PathLike) -> Iterator[None]:
-    """Turns the OS / torch errors of writing ``path`` that the user can fix into a ``WriteError``."""
+    """Turns the OS / torch errors of writing ``path`` that the user can fix into a ``WriteError``; a full disk
+    is named (``describe_disk``: mount point, free bytes)."""
     try:
         yield
     except WriteError:
@@ -54,12 +103,27 @@ def write_errors_named(path: str | os.PathLike) -> Iterator[None]:
         if e.errno not in _WRITE_FIXES:
             raise
         problem, fix = _WRITE_FIXES[e.errno]
-        raise WriteError(f"cannot write {path}: {problem} ({e}); fix: {fix}") from e
+        disk = f"{_written(e)}; {describe_disk(path)}" if e.errno in _FULL else ""
+        raise WriteError(f"cannot write {path}: {problem} ({e}){disk}; fix: {fix}") from e
     except RuntimeError as e:
         if not any(s in str(e) for s in _TORCH_WRITE_FAILURES):
             raise
+        written = _written(e)
         raise WriteError(f"cannot write {path}: torch's file writer failed ({str(e).splitlines()[0]}), "
-                         f"which means the disk is full or failing; fix: {_NO_SPACE}") from e
+                         f"which means the disk is full or failing{written}; {describe_disk(path)}; "
+                         f"fix: {_NO_SPACE}") from e
+
+
+def _written(e: BaseException) -> str:
+    """How much of the file ``_atomic_path`` had written when ``e`` came (its temporary is gone now). The
+    finished frames of ``e``'s traceback are cleared first: a writer they hold (torch's) keeps the deleted
+    temporary open, and its space taken, until they go."""
+    seen: BaseException | None = e
+    while seen is not None:  # torch's writer sits in the frames of the error the failed write raised first
+        traceback.clear_frames(seen.__traceback__)
+        seen = seen.__context__
+    n = getattr(e, "bytes_written", None)
+    return f"; {n} bytes ({_size(n)}) of it were written before the error (deleted again)" if n else ""
 
 
 def check_writable(folder: str | os.PathLike, create: bool = True) -> Path:
@@ -138,6 +202,10 @@ def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):  # how far the write got, for write_errors_named's message
+            e.bytes_written = tmp.stat().st_size  # type: ignore[union-attr]
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

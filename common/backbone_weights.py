@@ -1,24 +1,43 @@
 """Read any supported checkpoint into a torchvision ResNet state_dict (the one shared checkpoint reader).
 
-Recognised inputs (the kind is detected from the content, never from the file name):
+Recognised inputs: the layout is detected from the checkpoint's structure (its top-level entries and key
+prefixes, as each project's save call writes them), never from the file name. ``KINDS`` maps each kind to
+where its online and momentum encoders are:
 
-=================  ==========================================================  ======================
-kind               layout                                                      momentum encoder
-=================  ==========================================================  ======================
-``intl-pretrain``  this project's pretraining checkpoint (pretrain/checkpoint)  ``ema_model`` (EMA)
-                   ``ckpt["model"]["backbone.<torchvision key>"]``
-``official-intl``  the official INTL code: ``ckpt["state_dict"]`` with keys      ``module.momentum_
-                   ``module.backbone.<key>`` (DDP-wrapped)                      backbone.<key>``
-``moco``           MoCo-style: ``ckpt["state_dict"]["module.encoder_q.<key>"]``  ``module.encoder_k.``
-``torchvision``    a plain torchvision ResNet state_dict (``conv1.weight``...)   none
-=================  ==========================================================  ======================
+==================  ===================================================================  =====================
+kind                what the project saves (the save call)                               momentum encoder
+==================  ===================================================================  =====================
+``intl-pretrain``   this project: ``{"format": "intl-pretrain", "model": {backbone.*}}``  ``ema_model``
+``official-intl``   INTL main.py: ``{epoch, arch, state_dict: DDP model, optimizer}``,   ``module.momentum_
+                    ``module.backbone.*`` beside ``module.projection.*``                  backbone.*``
+``solo-learn``      Lightning ``trainer.save_checkpoint``: ``{pytorch-lightning_version,   ``momentum_
+                    state_dict: {backbone.*, projector.*, classifier.*}, ...}``          backbone.*``
+``barlow-twins``    barlowtwins main.py checkpoint.pth: ``{epoch, model: DDP model,      none
+                    optimizer}``, ``module.backbone.*``, ``module.projector.*``, ``module.bn.*``
+``dino``            dino main_dino.py: ``{student, teacher, optimizer, epoch, args,      ``teacher``
+                    dino_loss}``, ``module.backbone.*`` / ``module.head.*``              (DINO evaluates it)
+``moco``            MoCo v1/v2: ``state_dict`` ``module.encoder_q.*``                     ``module.encoder_k.*``
+``moco-v3``         moco-v3 main_moco.py: ``{epoch, arch, state_dict, optimizer,          ``module.momentum_
+                    scaler}``, ``module.base_encoder.*`` (fc = its projector)            encoder.*``
+``simsiam``         simsiam main_simsiam.py: ``state_dict`` ``module.encoder.*`` (fc =     none
+                    its projector) + ``module.predictor.*``
+``vissl``           VISSL: ``classy_state_dict.base_model.model.trunk``                  ``classy_state_dict.
+                    ``_feature_blocks.*`` (heads beside it)                              ema_model`` (if any)
+``timm``            timm train.py (CheckpointSaver): ``{state_dict, arch, version,       ``state_dict_ema``
+                    optimizer, ...}`` with torchvision's ResNet key names
+``torchvision``     a plain ResNet state_dict (torchvision, Barlow Twins' resnet50.pth,   none
+                    a timm resnet's state_dict: the same key names)
+``backbone``        a ``backbone.*`` state_dict of no project above                      ``momentum_backbone.*``
+``custom``          ``checkpoint_key`` (a dotted path into the file) and/or ``prefix``   you pick it
+==================  ===================================================================  =====================
 
 A leading ``module.`` (DDP) is accepted everywhere. The result always holds exactly the tensors of the
 inferred torchvision ResNet (conv, BN weight/bias/running stats; ``num_batches_tracked`` filled with 0
 when the source lacks it; floating tensors as float32) and never ``fc.*``; every other input key is listed
 in ``skipped``. A pretraining checkpoint's tensors must also agree with its own ``config.model``.
-Anything else (not a checkpoint, empty, unknown prefix, a missing layer, wrong shapes, NaN/Inf) raises
-:class:`common.checkpoint.CheckpointError` with a message naming the problem and the fix.
+Anything else (not a checkpoint, empty, unknown layout, a missing layer, wrong shapes, another architecture
+such as a deep-stem ResNet, NaN/Inf) raises :class:`common.checkpoint.CheckpointError` naming the problem,
+what was found and the fix (``checkpoint_key`` / ``prefix`` for a layout not listed).
 """
 
 from __future__ import annotations
@@ -30,7 +49,7 @@ import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -38,15 +57,26 @@ import torch.nn as nn
 from common.checkpoint import BACKBONE_PREFIX, CheckpointError, is_pretrain_checkpoint
 from common.resnet import FEATURE_DIMS, build_resnet
 
-KINDS = ("intl-pretrain", "official-intl", "moco", "torchvision")
-ENCODERS = ("online", "momentum")
-
-# kind -> (online prefix, momentum prefix) inside the (``module.``-stripped) state_dict.
-_PREFIXES = {
-    "official-intl": ("backbone.", "momentum_backbone."),
-    "moco": ("encoder_q.", "encoder_k."),
-    "torchvision": ("", None),
+KINDS = {  # kind -> what it is (printed by intl-convert and the evaluations)
+    "intl-pretrain": "this project's pretraining checkpoint",
+    "official-intl": "official INTL checkpoint (main.py)",
+    "solo-learn": "solo-learn (PyTorch Lightning) checkpoint",
+    "barlow-twins": "Barlow Twins checkpoint.pth (main.py)",
+    "dino": "DINO checkpoint (main_dino.py)",
+    "moco": "MoCo v1/v2 checkpoint",
+    "moco-v3": "MoCo v3 checkpoint (main_moco.py)",
+    "simsiam": "SimSiam checkpoint (main_simsiam.py)",
+    "vissl": "VISSL checkpoint (classy_state_dict trunk)",
+    "timm": "timm training checkpoint (train.py)",
+    "torchvision": "plain ResNet state_dict (torchvision / timm key names)",
+    "backbone": "state_dict with a 'backbone.' prefix of no recognised project",
+    "custom": "the state_dict picked by checkpoint_key / prefix",
 }
+ENCODERS = ("online", "momentum")
+# Checkpoints a run resumes from or a user keeps (not a bare backbone): intl-convert never overwrites one.
+TRAINING_KINDS = ("intl-pretrain", "official-intl", "solo-learn", "barlow-twins", "dino", "moco", "moco-v3",
+                  "simsiam", "vissl", "timm", "backbone")
+
 # The first component of every torchvision ResNet key (fc is the classifier, never converted).
 _RESNET_TOP = re.compile(r"^(conv1|bn1|layer[1-4]|fc)\.")
 _OPTIONAL = "num_batches_tracked"
@@ -64,7 +94,9 @@ class BackboneWeights:
     encoder: str = "online"
     source: str = "<object>"
     prefix: str = ""  # the input key prefix the backbone was read from
+    where: str = ""  # the entry of the file it was read from ("state_dict", "teacher", ...; "" = top level)
     filled: list[str] = field(default_factory=list)  # num_batches_tracked buffers absent in the source
+    notes: list[str] = field(default_factory=list)  # what the user should know about this layout
     # What the weights were read from: path, sha256 of the file's bytes, kind, encoder, and for a pretraining
     # checkpoint its step, epoch and ``finished`` flag (None for other kinds). See ``source_identity``.
     identity: dict = field(default_factory=dict)
@@ -74,21 +106,25 @@ class BackboneWeights:
         return len(self.state_dict)
 
     def summary(self) -> str:
-        where = f"{self.prefix!r}" if self.prefix else "top level"
-        return (f"{self.source}: kind={self.kind}, encoder={self.encoder}, arch={self.arch}"
-                f"{' (small stem)' if self.small_stem else ''}, {self.num_tensors} backbone tensors read from "
-                f"{where}, {len(self.skipped)} input keys skipped")
+        where = f"{self.where + ' ' if self.where else ''}{self.prefix!r}" if self.prefix or self.where else "top level"
+        notes = "".join(f"; note: {n}" for n in self.notes)
+        return (f"{self.source}: kind={self.kind} ({KINDS.get(self.kind, '?')}), encoder={self.encoder}, "
+                f"arch={self.arch}{' (small stem)' if self.small_stem else ''}, {self.num_tensors} backbone tensors "
+                f"read from {where}, {len(self.skipped)} input keys skipped{notes}")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # reading
 
 
-def read_backbone_weights(path_or_obj: str | os.PathLike | Mapping[str, Any],
-                          encoder: str = "online") -> BackboneWeights:
+def read_backbone_weights(path_or_obj: str | os.PathLike | Mapping[str, Any], encoder: str = "online",
+                          checkpoint_key: str | None = None, prefix: str | None = None) -> BackboneWeights:
     """Reads a checkpoint file (or an already loaded object) and returns its backbone's weights.
 
-    encoder: "online" (the trained network) or "momentum" (the EMA / key encoder, when there is one).
+    encoder: "online" (the trained network; DINO's student) or "momentum" (the EMA / key / teacher encoder,
+    when the layout has one). checkpoint_key: a dotted path to the state_dict inside the file (``teacher``,
+    ``classy_state_dict.base_model.model.trunk``), as DINO's ``--checkpoint_key``; prefix: the key prefix of
+    the backbone inside it (``module.backbone.``); either one makes the kind ``custom`` and skips detection.
     Raises CheckpointError naming the problem and the fix.
     """
     if encoder not in ENCODERS:
@@ -100,41 +136,187 @@ def read_backbone_weights(path_or_obj: str | os.PathLike | Mapping[str, Any],
     else:
         source, obj = "<object>", path_or_obj
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a checkpoint dict; fix: pass a pretraining "
-                              "checkpoint (.pth), an official INTL / MoCo checkpoint or a torchvision ResNet "
-                              "state_dict")
+        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a checkpoint dict; fix: pass a checkpoint "
+                              f"of one of the recognised layouts ({', '.join(KINDS)}) or a ResNet state_dict")
 
-    if is_pretrain_checkpoint(obj):
-        kind = "intl-pretrain"
-        state, other_sd, other_name = _intl_pretrain_state(obj, encoder, source)
-        prefix = BACKBONE_PREFIX
-        skipped_extra = [f"{other_name}.{k}" for k in (other_sd or {})]
+    if checkpoint_key is not None or prefix is not None:
+        layout = _custom_layout(obj, checkpoint_key, prefix, encoder, source)
     else:
-        state = _find_state_dict(obj, source)
-        kind = _detect_kind(state, source)
-        online, momentum = _PREFIXES[kind]
-        if encoder == "momentum":
-            if momentum is None or not any(k.startswith(momentum) for k in _strip_module(state)):
-                raise CheckpointError(
-                    f"{source} ({kind}) has no momentum encoder; key prefixes found: {_describe_prefixes(state)}; "
-                    "fix: use --encoder online (encoder='online')")
-            prefix = momentum
-        else:
-            prefix = online
-        skipped_extra = []
-
-    weights = _extract(state, prefix, kind, source)
-    if kind == "intl-pretrain":
+        layout = _detect_layout(obj, source)
+    picked = layout.momentum if encoder == "momentum" else layout.online
+    if picked is None:
+        what = ("a pretraining checkpoint without a momentum (EMA) encoder (ema_model is empty)"
+                if layout.kind == "intl-pretrain" else f"a {KINDS[layout.kind]} ({layout.kind}), which has no momentum "
+                                                        "encoder")
+        raise CheckpointError(f"{source} is {what}; fix: use --encoder online (encoder=online)"
+                              + (", or pretrain with the EMA variant" if layout.kind == "intl-pretrain" else ""))
+    where, state, key_prefix = picked
+    weights = _extract(state, key_prefix, layout.kind, source)
+    if layout.kind == "intl-pretrain":
         _check_against_config(weights, obj.get("config"), source)
-    weights.encoder = encoder
-    weights.skipped = weights.skipped + skipped_extra
-    pretrain = kind == "intl-pretrain"
+    weights.encoder, weights.where = encoder, where
+    for other_where, other_state in layout.others(where):
+        weights.skipped += [f"{other_where}.{k}" for k in other_state]
+    weights.notes = list(layout.notes)
+    if layout.kind == "dino":
+        weights.notes.append("DINO's own evaluations use the teacher (--encoder momentum / encoder=momentum)"
+                             if encoder == "online" else "the teacher, as DINO's own evaluations use")
+    if layout.kind == "solo-learn" and weights.small_stem:
+        weights.notes.append("solo-learn's CIFAR stem pads conv1 by 2 pixels, this project's by 1: the weights load, "
+                             "but 32-px features differ slightly from solo-learn's")
+    pretrain = layout.kind == "intl-pretrain"
     weights.identity = {
-        "path": str(Path(source).resolve()) if sha256 else source, "sha256": sha256, "kind": kind, "encoder": encoder,
+        "path": str(Path(source).resolve()) if sha256 else source, "sha256": sha256, "kind": layout.kind,
+        "encoder": encoder, "checkpoint_key": checkpoint_key, "prefix": prefix,
         "step": obj.get("step") if pretrain else None, "epoch": obj.get("epoch") if pretrain else None,
         "finished": bool(obj.get("finished", False)) if pretrain else None,
         "snapshot": bool(obj.get("snapshot", False)) if pretrain else None}
     return weights
+
+
+@dataclass
+class _Layout:
+    """Where a checkpoint keeps its encoders: (entry name, state_dict, key prefix) for each, or None."""
+
+    kind: str
+    online: tuple[str, Mapping[str, Any], str]
+    momentum: tuple[str, Mapping[str, Any], str] | None = None
+    notes: tuple[str, ...] = ()
+
+    def others(self, picked_where: str) -> list[tuple[str, Mapping[str, Any]]]:
+        """The other encoder's state_dict when it is a separate entry (its keys are listed as skipped)."""
+        out = []
+        for enc in (self.online, self.momentum):
+            if enc is not None and enc[0] != picked_where and isinstance(enc[1], Mapping):
+                out.append((enc[0], enc[1]))
+        return out
+
+
+def _keys(state: Mapping[str, Any]) -> list[str]:
+    return list(_strip_module(state))
+
+
+def _has(state: Mapping[str, Any], *prefixes: str) -> bool:
+    return any(k.startswith(prefixes) for k in _keys(state))
+
+
+def _plain_resnet(state: Mapping[str, Any]) -> bool:
+    return any(k in ("conv1.weight", "layer1.0.conv1.weight", "conv1.0.weight") for k in _keys(state))
+
+
+def _detect_layout(obj: Mapping, source: str) -> _Layout:
+    """The layout of ``obj`` from its structure (see the module docstring's table)."""
+    if is_pretrain_checkpoint(obj):
+        online, ema = obj.get("model"), obj.get("ema_model")
+        if not isinstance(online, Mapping):
+            raise CheckpointError(f"{source} is a pretraining checkpoint without a 'model' state_dict; "
+                                  "fix: pass a checkpoint written by the pretraining engine")
+        return _Layout("intl-pretrain", ("model", online, BACKBONE_PREFIX),
+                       ("ema_model", ema, BACKBONE_PREFIX) if ema else None)
+    if isinstance(obj.get("classy_state_dict"), Mapping):  # VISSL
+        csd = obj["classy_state_dict"]
+        trunk = _dig(csd, ("base_model", "model", "trunk"), source, "classy_state_dict")
+        ema = csd.get("ema_model")
+        ema_trunk = ema.get("model", {}).get("trunk") if isinstance(ema, Mapping) else None
+        return _Layout("vissl", ("classy_state_dict.base_model.model.trunk", trunk, _resnet_prefix(trunk, source)),
+                       ("classy_state_dict.ema_model.model.trunk", ema_trunk, _resnet_prefix(ema_trunk, source))
+                       if isinstance(ema_trunk, Mapping) and ema_trunk else None)
+    if isinstance(obj.get("student"), Mapping) and isinstance(obj.get("teacher"), Mapping):  # DINO
+        student, teacher = obj["student"], obj["teacher"]
+        return _Layout("dino", ("student", student, "backbone."), ("teacher", teacher, "backbone."))
+    where, state = _find_state_dict(obj, source)
+    if _has(state, "encoder_q.", "encoder_k."):
+        return _Layout("moco", (where, state, "encoder_q."), (where, state, "encoder_k."))
+    if _has(state, "base_encoder.", "momentum_encoder."):
+        return _Layout("moco-v3", (where, state, "base_encoder."), (where, state, "momentum_encoder."))
+    if _has(state, "encoder.") and _has(state, "predictor."):
+        return _Layout("simsiam", (where, state, "encoder."))
+    if _has(state, "backbone."):
+        momentum = (where, state, "momentum_backbone.") if _has(state, "momentum_backbone.") else None
+        ddp = any(k.startswith("module.backbone.") for k in state)
+        if "pytorch-lightning_version" in obj or (where == "state_dict" and not ddp and _has(state, "classifier.")):
+            return _Layout("solo-learn", (where, state, "backbone."), momentum)
+        if where == "model" and _has(state, "projector.") and _has(state, "bn."):
+            return _Layout("barlow-twins", (where, state, "backbone."))
+        if where == "state_dict" and ddp and (_has(state, "projection.") or "arch" in obj):
+            return _Layout("official-intl", (where, state, "backbone."), momentum)
+        return _Layout("backbone", (where, state, "backbone."), momentum,
+                       notes=(f"its layout is none of the recognised projects' (found {_describe_prefixes(state)}); "
+                              "the 'backbone.' tensors were read",))
+    if _plain_resnet(state):
+        if where == "state_dict" and "version" in obj and isinstance(obj.get("arch"), str):
+            ema = obj.get("state_dict_ema")
+            momentum = ("state_dict_ema", ema, "") if isinstance(ema, Mapping) else None
+            return _Layout("timm", (where, state, ""), momentum)
+        return _Layout("torchvision", (where, state, ""))
+    if _has(state, "_feature_blocks."):  # a VISSL trunk saved on its own
+        return _Layout("vissl", (where, state, _resnet_prefix(state, source)))
+    raise CheckpointError(f"{source} has no recognisable ResNet backbone; {_found(obj, state)}; recognised layouts: "
+                          f"{', '.join(KINDS)} (see intl-convert --help); fix: name the state_dict and the backbone's "
+                          "key prefix yourself: --checkpoint-key <entry> --prefix <prefix> (evaluations: "
+                          "checkpoint_key=..., checkpoint_prefix=...), e.g. --checkpoint-key teacher "
+                          "--prefix backbone.")
+
+
+def _found(obj: Mapping, state: Mapping[str, Any]) -> str:
+    top = ", ".join(f"{k!r}" for k in list(obj)[:12])
+    return f"top-level entries: {top}; key prefixes found: {_describe_prefixes(state)}"
+
+
+def _dig(obj: Any, path: Sequence[str], source: str, start: str = "") -> Mapping[str, Any]:
+    """``obj[path[0]][path[1]]...``, a CheckpointError naming the entries where it stops."""
+    here, done = obj, start
+    for part in path:
+        if not isinstance(here, Mapping) or part not in here:
+            keys = [str(k) for k in list(here)[:20]] if isinstance(here, Mapping) else []
+            example = ".".join(filter(None, [done, keys[0] if keys else "state_dict"]))
+            raise CheckpointError(f"{source}: no entry {part!r} under {done or 'the top level'} (entries there: "
+                                  f"{keys or type(here).__name__}); fix: --checkpoint-key with a path that exists, "
+                                  f"e.g. {example}")
+        here, done = here[part], f"{done}.{part}" if done else part
+    if not isinstance(here, Mapping):
+        raise CheckpointError(f"{source}: {done} is a {type(here).__name__}, not a state_dict; fix: a --checkpoint-key "
+                              "that names a dict of tensors")
+    return here
+
+
+def _resnet_prefix(state: Mapping[str, Any] | None, source: str, candidates_only: bool = False):
+    """The key prefix in front of a torchvision ResNet in ``state`` (``''``, ``_feature_blocks.``, ...): the part
+    before ``conv1.weight`` of a key whose ``layer1.0.conv1.weight`` sibling exists. Several: CheckpointError."""
+    if not state:
+        return ""
+    keys = set(_keys(state))
+    found = sorted({k[: -len("conv1.weight")] for k in keys if k.endswith("conv1.weight")
+                    and k[: -len("conv1.weight")] + "layer1.0.conv1.weight" in keys})
+    if candidates_only:
+        return found
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CheckpointError(f"{source}: no ResNet (no '<prefix>conv1.weight' with '<prefix>layer1.0.conv1.weight' "
+                              f"beside it); key prefixes found: {_describe_prefixes(state)}; fix: --prefix <prefix>")
+    raise CheckpointError(f"{source}: {len(found)} ResNets in one state_dict (prefixes {found}); fix: choose one with "
+                          f"--prefix, e.g. --prefix {found[0] or chr(39) * 2}")
+
+
+def _custom_layout(obj: Mapping, checkpoint_key: str | None, prefix: str | None, encoder: str,
+                   source: str) -> _Layout:
+    """The state_dict at ``checkpoint_key`` (dotted; default: the one ``_find_state_dict`` finds) and the backbone
+    under ``prefix`` (default: the only ResNet in it)."""
+    if encoder != "online":
+        raise CheckpointError("with --checkpoint-key / --prefix the entry and prefix you give pick the encoder; fix: "
+                              "--encoder online and point them at the momentum encoder (e.g. --checkpoint-key teacher)")
+    if checkpoint_key:
+        where, state = checkpoint_key, _dig(obj, checkpoint_key.split("."), source)
+    else:
+        where, state = _find_state_dict(obj, source)
+    if prefix is None:
+        prefix = _resnet_prefix(state, source)
+    stripped = prefix[len("module."):] if prefix.startswith("module.") else prefix
+    if not _has(state, stripped):
+        raise CheckpointError(f"{source}: no key of {where or 'the file'} starts with {prefix!r}; key prefixes found: "
+                              f"{_describe_prefixes(state)}; fix: --prefix with one of them")
+    return _Layout("custom", (where, state, stripped))
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -173,20 +355,6 @@ def _is_detectron2_pickle(path: Path) -> bool:
     return isinstance(data, Mapping) and ("model" in data or "blobs" in data)
 
 
-def _intl_pretrain_state(obj: Mapping, encoder: str, source: str):
-    if encoder == "momentum":
-        state = obj.get("ema_model")
-        if not state:
-            raise CheckpointError(f"{source} is a pretraining checkpoint without a momentum (EMA) encoder "
-                                  "(ema_model is empty); fix: use --encoder online, or pretrain with the EMA variant")
-        return state, obj.get("model"), "model"
-    state = obj.get("model")
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{source} is a pretraining checkpoint without a 'model' state_dict; "
-                              "fix: pass a checkpoint written by the pretraining engine")
-    return state, obj.get("ema_model"), "ema_model"
-
-
 def _check_against_config(weights: BackboneWeights, config: Any, source: str) -> None:
     """A pretraining checkpoint names its backbone in config.model; the tensors must agree with it."""
     model_cfg = config.get("model") if isinstance(config, Mapping) else None
@@ -202,21 +370,22 @@ def _check_against_config(weights: BackboneWeights, config: Any, source: str) ->
                               "fix: use the run's own last.pth")
 
 
-def _find_state_dict(obj: Mapping, source: str) -> Mapping[str, Any]:
-    """The state_dict inside a checkpoint: ``state_dict``/``model`` entries, or the object itself."""
-    for key in ("state_dict", "model", "module"):
+def _find_state_dict(obj: Mapping, source: str) -> tuple[str, Mapping[str, Any]]:
+    """(entry, state_dict) inside a checkpoint: the ``state_dict``/``model``/``module`` entry, or the object itself."""
+    for key in ("state_dict", "model", "module", "model_state_dict"):
         inner = obj.get(key)
         if isinstance(inner, Mapping) and _looks_like_state_dict(inner):
-            return inner
+            return key, inner
     if _looks_like_state_dict(obj):
-        return obj
+        return "", obj
     if len(obj) == 0 or any(isinstance(obj.get(k), Mapping) and len(obj[k]) == 0 for k in ("state_dict", "model")):
         raise CheckpointError(f"{source} has an empty state_dict (no tensors at all); fix: pass the checkpoint "
                               "saved after training, not an empty or truncated one")
     found = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(obj.items())[:12])
     raise CheckpointError(f"{source} holds no state_dict of tensors; top-level entries found: {found}; fix: pass a "
-                          "pretraining checkpoint, an official INTL / MoCo checkpoint (with 'state_dict') or a "
-                          "torchvision ResNet state_dict")
+                          f"checkpoint of a recognised layout ({', '.join(KINDS)}), or name the entry holding the "
+                          "state_dict with --checkpoint-key and, if needed, the backbone's key prefix with --prefix "
+                          "(evaluations: checkpoint_key=..., checkpoint_prefix=...)")
 
 
 def _looks_like_state_dict(d: Mapping) -> bool:
@@ -227,20 +396,6 @@ def _looks_like_state_dict(d: Mapping) -> bool:
 def _strip_module(state: Mapping[str, Any]) -> "OrderedDict[str, Any]":
     """Removes one leading ``module.`` (DDP / DataParallel) from every key that has it."""
     return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())
-
-
-def _detect_kind(state: Mapping[str, Any], source: str) -> str:
-    keys = list(_strip_module(state))
-    if any(k.startswith("backbone.") or k.startswith("momentum_backbone.") for k in keys):
-        return "official-intl"
-    if any(k.startswith("encoder_q.") or k.startswith("encoder_k.") for k in keys):
-        return "moco"
-    if any(k in ("conv1.weight", "layer1.0.conv1.weight") for k in keys):
-        return "torchvision"
-    raise CheckpointError(f"{source} has no recognisable ResNet backbone; key prefixes found: "
-                          f"{_describe_prefixes(state)}; supported: 'backbone.' (this project), 'module.backbone.' "
-                          "(official INTL), 'module.encoder_q.' (MoCo) or plain torchvision keys ('conv1.weight', "
-                          "'layer1.0...'); fix: pass one of those, or rename the keys")
 
 
 def _describe_prefixes(state: Mapping[str, Any], limit: int = 10) -> str:
@@ -287,6 +442,11 @@ def _extract(state: Mapping[str, Any], prefix: str, kind: str, source: str) -> B
         raise CheckpointError(f"{source} ({kind}) has no backbone tensors under {prefix!r}; key prefixes found: "
                               f"{_describe_prefixes(state)}; fix: pass a checkpoint with a ResNet backbone")
 
+    if any(k.startswith("conv1.") and k != "conv1.weight" for k in picked):
+        stem = _shorten([k for k in picked if k.startswith("conv1.")], 4)
+        raise CheckpointError(f"{source} ({kind}) is a deep-stem ResNet (timm resnet*d / *c / *s / *e: conv1 is a "
+                              f"stack of 3x3 convs, keys {stem}), not a torchvision ResNet; fix: pass a checkpoint of "
+                              "a plain ResNet (timm resnet18/50 are torchvision-compatible)")
     arch, small_stem = _infer_arch(picked, source)
     reference = _reference_shapes(arch, small_stem)
     missing = [k for k in reference if k not in picked and not k.endswith(_OPTIONAL)]

@@ -103,3 +103,21 @@ def merge_onto_schema(cfg: Any, schema: type, what: str, error: type[ConfigError
 def to_plain(cfg: Any) -> dict:
     """A resolved DictConfig as plain Python containers (results.json, checkpoints)."""
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def flatten(d: Any, prefix: str = "") -> dict:
+    """A nested plain dict as ``{"a.b.c": value}`` (lists are values): what config comparisons read."""
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def differences(old: dict, new: dict, ignore: Sequence[str] = ()) -> list[str]:
+    """``"key: old -> new"`` for every flattened key whose value differs between two plain configs, except
+    the keys in ``ignore`` (sorted by key)."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in ignore]

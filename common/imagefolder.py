@@ -1,4 +1,5 @@
-"""Image datasets for pretraining and evaluation: a torchvision ImageFolder that survives bad files.
+"""Image datasets for pretraining and evaluation: a torchvision ImageFolder that survives bad files, and
+the same for unlabelled images (a flat folder, a file list).
 
 ``RobustImageFolder(root, transform)`` is ``torchvision.datasets.ImageFolder`` with three differences:
 
@@ -12,7 +13,12 @@
    in the parent (works with fork and spawn; a known-bad file is neither retried nor warned about twice).
    Under DDP each rank has its own dataset: ``unreadable_files_all_ranks`` (a collective) gathers the files
    of every rank, ``write_unreadable_list`` lists them in the run folder (``UNREADABLE_LIST``).
-4. ``bad_target`` (evaluations: ``transfer.classification.EXCLUDED``) labels a replacement sample with
+4. ``classes=[...]`` keeps only those class folders (ImageNet-100 read from a full ImageNet tree), indexed
+   in sorted order (as ImageFolder indexes a copy of the subset); a listed class without a folder is named
+   in the error.
+5. ``RobustImageList``: unlabelled images (every target ``UNLABELLED``) with the same skipping and counting,
+   from a folder searched recursively or from a text file of paths.
+6. ``bad_target`` (evaluations: ``transfer.classification.EXCLUDED``) labels a replacement sample with
    that value instead of the neighbour's label, so that an evaluation can leave it out.
 
 Transforms that set ``accepts_lazy_image = True`` (the view pipelines of ``pretrain.augment``) receive the
@@ -25,12 +31,13 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from common.atomic import atomic_write_text
 from common.distributed import gather_rows, is_dist
@@ -63,25 +70,25 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-class RobustImageFolder(ImageFolder):
-    """ImageFolder that skips unreadable images (warns once per file, counts distinct files across workers)."""
+class RobustSamples:
+    """What every robust image set shares: ``samples`` (path, target), unreadable files skipped and counted.
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
-                 target_transform: Callable | None = None, max_consecutive_skips: int = 64,
-                 bad_target: int | None = None):
-        root = Path(root)
-        if not root.is_dir():
-            raise DataRootError(f"dataset root {str(root)!r} does not exist or is not a directory; {LAYOUT_HELP}")
-        try:
-            super().__init__(str(root), transform=transform, target_transform=target_transform, loader=load_rgb)
-        except FileNotFoundError as e:  # torchvision: no class folder / no valid image in the class folders
-            raise DataRootError(f"dataset root {str(root)!r} has no usable class folders ({e}); "
-                                f"{LAYOUT_HELP}") from None
-        self.max_consecutive_skips = int(max_consecutive_skips)
-        self.bad_target = bad_target
+    A mixin: the dataset class sets ``samples``, ``root``, ``transform``, ``target_transform``,
+    ``max_consecutive_skips`` and ``bad_target``, then calls ``_init_bad_mask()``.
+    """
+
+    samples: list
+    root: str
+    transform: Callable | None
+    target_transform: Callable | None
+
+    def _init_bad_mask(self) -> None:
         # One byte per sample (1 = unreadable), in shared memory: DataLoader workers write into the same
         # memory, so the parent sees every file any worker found bad, each once.
         self._bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
     # ------------------------------------------------------------------ unreadable files
     @property
@@ -128,13 +135,112 @@ class RobustImageFolder(ImageFolder):
         ) from last_error
 
 
+class RobustImageFolder(RobustSamples, ImageFolder):
+    """ImageFolder that skips unreadable images (warns once per file, counts distinct files across workers).
+
+    ``classes``: only these class folders, indexed in sorted order as on a copy of the subset (ImageNet-100
+    from a full ImageNet tree: ``common.datasets.class_list``); a listed class without a folder is a
+    ``DataRootError`` naming it.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
+                 target_transform: Callable | None = None, max_consecutive_skips: int = 64,
+                 bad_target: int | None = None, classes: Sequence[str] | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataRootError(f"dataset root {str(root)!r} does not exist or is not a directory; {LAYOUT_HELP}")
+        self._wanted_classes = list(classes) if classes is not None else None
+        try:
+            super().__init__(str(root), transform=transform, target_transform=target_transform, loader=load_rgb)
+        except FileNotFoundError as e:  # torchvision: no class folder / no valid image in the class folders
+            if isinstance(e, DataRootError):
+                raise
+            raise DataRootError(f"dataset root {str(root)!r} has no usable class folders ({e}); "
+                                f"{LAYOUT_HELP}") from None
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.bad_target = bad_target
+        self._init_bad_mask()
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        """torchvision's class folders, or exactly the ``classes`` asked for (every one must have a folder)."""
+        if self._wanted_classes is None:
+            return super().find_classes(directory)
+        missing = [c for c in self._wanted_classes if not (Path(directory) / c).is_dir()]
+        if missing:
+            raise DataRootError(f"{len(missing)} of the {len(self._wanted_classes)} listed classes have no folder in "
+                                f"{directory}: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}; fix: "
+                                "point data.root at the full dataset the class list was made for (ImageNet: "
+                                "<root>/train/<wnid>/ and <root>/val/<wnid>/, val sorted into class folders)")
+        wanted = sorted(self._wanted_classes)  # class indices as ImageFolder gives them on a copy of the subset
+        return wanted, {c: i for i, c in enumerate(wanted)}
+
+
+UNLABELLED = -1  # the target of every image of an unlabelled set (torchvision's STL-10 uses -1 too)
+
+
+class RobustImageList(RobustSamples, Dataset):
+    """Images without labels, skipped and counted like ``RobustImageFolder``: every image under a folder
+    (recursively, ``from_folder``) or the files a text list names (``from_file_list``: one path per line,
+    relative to a root). Every target is ``UNLABELLED``; ``classes`` is empty."""
+
+    classes: list[str] = []
+
+    def __init__(self, root: str | os.PathLike, paths: Sequence[str], transform: Callable | None = None,
+                 max_consecutive_skips: int = 64):
+        self.root = str(root)
+        self.samples = [(str(p), UNLABELLED) for p in paths]
+        self.targets = [UNLABELLED] * len(self.samples)
+        self.transform, self.target_transform = transform, None
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.bad_target = None
+        self._init_bad_mask()
+
+    @classmethod
+    def from_folder(cls, root: str | os.PathLike, transform: Callable | None = None) -> "RobustImageList":
+        """Every image file (torchvision's ``IMG_EXTENSIONS``) under ``root``, recursively, in sorted order."""
+        root = Path(root)
+        if not root.is_dir():
+            raise DataRootError(f"image folder {str(root)!r} does not exist or is not a directory; fix: set data.root "
+                                "(and data.split) to the folder holding the images (any depth of sub-folders)")
+        paths = []
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            dirs.sort()
+            paths += [os.path.join(folder, f) for f in sorted(files) if has_file_allowed_extension(f, IMG_EXTENSIONS)]
+        if not paths:
+            raise DataRootError(f"image folder {str(root)!r} holds no image file (extensions "
+                                f"{', '.join(IMG_EXTENSIONS)}, searched recursively); fix: point data.root/data.split "
+                                "at the images")
+        return cls(root, paths, transform)
+
+    @classmethod
+    def from_file_list(cls, list_file: str | os.PathLike, root: str | os.PathLike,
+                       transform: Callable | None = None) -> "RobustImageList":
+        """The files ``list_file`` names, one per line (blank lines and ``#`` comments skipped), relative to
+        ``root`` (absolute paths are kept); a listed file that does not exist is an error naming a few."""
+        list_file, root = Path(list_file), Path(root)
+        if not list_file.is_file():
+            raise DataRootError(f"file list {str(list_file)!r} does not exist; fix: set data.file_list to a text file "
+                                "with one image path per line, relative to data.root")
+        lines = [ln.strip() for ln in list_file.read_text().splitlines()]
+        names = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not names:
+            raise DataRootError(f"file list {list_file} names no file; fix: one image path per line")
+        paths = [str(root / n) for n in names]
+        missing = [n for n, p in zip(names, paths) if not os.path.isfile(p)]
+        if missing:
+            raise DataRootError(f"{len(missing)} of the {len(names)} files of {list_file} are not under {root} (e.g. "
+                                f"{missing[:5]}); fix: set data.root to the folder the list's paths are relative to")
+        return cls(root, paths, transform)
+
+
 def unreadable_files_all_ranks(dataset: Any, device: torch.device | str | None = None) -> list[str]:
-    """The distinct unreadable files every rank found in ``dataset`` (a RobustImageFolder, possibly inside a
-    torch ``Subset``; [] for other datasets), in dataset order. A collective: every rank must call it.
+    """The distinct unreadable files every rank found in ``dataset`` (a RobustImageFolder or RobustImageList,
+    possibly inside a torch ``Subset``; [] for other datasets), in dataset order. A collective: every rank must
+    call it.
     ``device``: where the gather runs (the process group's device; CPU for gloo)."""
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
-    if not isinstance(dataset, RobustImageFolder):
+    if not isinstance(dataset, RobustSamples):
         return []
     bad = dataset._bad.clone()
     if is_dist():

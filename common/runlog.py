@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from common.atomic import atomic_write_text, jsonable, write_json
+from common.atomic import WriteError, atomic_write_text, jsonable, write_errors_named, write_json
 from common.errors import UserError
 from common.provenance import run_summary
 
@@ -74,42 +75,80 @@ def previous_results(run_dir: str | os.PathLike) -> dict:
     return json.loads((run_dir / COMPLETE_MARKER).read_text() or "{}")
 
 
+def _quiet_tensorboard_write_errors() -> None:
+    """TensorBoard writes its events in a thread that, when the disk is full, stores the OSError for the
+    logging thread (which gets it at its next call: a WriteError here) and also prints it as an uncaught
+    thread exception; this hook (installed once) drops that second, traceback-only copy."""
+    previous = threading.excepthook
+    if getattr(previous, "_intl_quiet_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook._intl_quiet_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class MetricsLogger:
     """Appends metrics to ``metrics.jsonl`` and TensorBoard; a no-op when ``enabled`` is False.
 
     ``purge_step``: a resumed run logs again from this step; TensorBoard hides the events the earlier
     attempt wrote at this step and later (``SummaryWriter(purge_step=...)``), so no step appears twice.
+    A write that fails (a full disk) raises a ``WriteError`` naming the file and the disk.
     """
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
                  purge_step: int | None = None):
         self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_NAME
         self.enabled = enabled
         self._tb = None
         if enabled:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.run_dir / METRICS_NAME, "a", buffering=1)
+            with write_errors_named(self.path):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", buffering=1)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
+                _quiet_tensorboard_write_errors()
+                with write_errors_named(self.run_dir / "tb"):
+                    self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
 
     def log(self, step: int, prefix: str = "", **metrics: Any) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), "time": round(time.time(), 3)}
         for k, v in metrics.items():
-            v = v.item() if hasattr(v, "item") else v
-            row[f"{prefix}{k}"] = v
-            if self._tb is not None and isinstance(v, (int, float)) and math.isfinite(float(v)):
-                self._tb.add_scalar(f"{prefix}{k}", v, int(step))
-        self._file.write(json.dumps(row, default=jsonable) + "\n")
+            row[f"{prefix}{k}"] = v.item() if hasattr(v, "item") else v
+        with write_errors_named(self.path):  # first: the row is the record, TensorBoard's events a view of it
+            self._file.write(json.dumps(row, default=jsonable) + "\n")
+        if self._tb is None:
+            return
+        with write_errors_named(self.run_dir / "tb"):
+            for k, v in row.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(float(v)):
+                    self._tb.add_scalar(k, v, int(step))
 
-    def close(self) -> None:
-        if self.enabled:
-            self._file.close()
-            if self._tb is not None:
-                self._tb.close()
+    def close(self, quiet: bool = False) -> None:
+        """Closes the file and TensorBoard; ``quiet``: a write error is dropped (the caller is already failing,
+        e.g. for the same full disk), else the first one is raised after both are closed."""
+        if not self.enabled:
+            return
+        errors = []
+        for what, close in ((self.path, self._file.close), (self.run_dir / "tb", getattr(self._tb, "close", None))):
+            if close is None:
+                continue
+            try:
+                with write_errors_named(what):
+                    close()
+            except WriteError as e:
+                errors.append(e)
+        self.enabled = False
+        if errors and not quiet:
+            raise errors[0]
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
@@ -132,3 +171,15 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
             raise MetricsFileError(f"{path} line {number} is not JSON ({e}); fix: delete that line (or the file, "
                                    "losing the run's metric history)") from None
     return rows
+
+
+def truncate_metrics(run_dir: str | os.PathLike, step: int) -> None:
+    """Drops the rows of ``metrics.jsonl`` after ``step`` (the steps a resumed run trains again) and a torn last
+    line (a kill mid-write); the file is rewritten atomically, and only when that changes it."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.exists():
+        return
+    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    text = "".join(json.dumps(r) + "\n" for r in keep)
+    if path.read_text() != text:
+        atomic_write_text(path, text)

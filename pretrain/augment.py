@@ -111,6 +111,9 @@ _MC_MIN = (0.2, 0.2, 0.171, 0.143, 0.114, 0.086)
 _MC_MAX = (1.0, 1.0, 0.857, 0.714, 0.571, 0.429)
 _MC_BLUR = (0.5,) * 6
 _MC_SOL = (0.1,) * 6
+# STL-10's per-channel mean / std (solo-learn solo/data/pretrain_dataloader.py, as FroSSL runs it).
+STL10_MEAN = (0.4914, 0.4823, 0.4466)
+STL10_STD = (0.247, 0.243, 0.261)
 
 PRESETS: dict[str, dict] = {
     # Table 4: two 224-px views, blur 1.0 / 0.1, solarize 0 / 0.2.
@@ -119,6 +122,13 @@ PRESETS: dict[str, dict] = {
     "imagenet_multicrop": dict(views=_views((224, 224, 192, 160, 128, 96), _MC_MIN, _MC_MAX, _MC_BLUR, _MC_SOL)),
     # CIFAR-10/100 (official cifar/transform.py): 32 px, no blur, solarize 0 / 0.2.
     "cifar": dict(views=_views((32, 32), (0.08, 0.08), (1.0, 1.0), (0.0, 0.0), (0.0, 0.2))),
+    # STL-10 (96-px images): the paper's two views (Table 4) at 96 px, STL-10's mean/std (solo-learn's).
+    "stl10": dict(views=_views((96, 96), (0.08, 0.08), (1.0, 1.0), (1.0, 0.1), (0.0, 0.2)),
+                  mean=STL10_MEAN, std=STL10_STD),
+    # FroSSL's STL-10 views (OFSkean/FroSSL scripts/pretrain/stl10/augmentations/symmetric_weak.yaml): 96 px,
+    # jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.2, blur 0.5 on both views, no solarization.
+    "stl10_frossl": dict(views=_views((96, 96), (0.08, 0.08), (1.0, 1.0), (0.5, 0.5), (0.0, 0.0)),
+                         saturation=0.4, mean=STL10_MEAN, std=STL10_STD),
     # The embedded 64-px synthetic set: the ImageNet settings at 32 px ...
     "synthetic": dict(views=_views((32, 32), (0.08, 0.08), (1.0, 1.0), (1.0, 0.1), (0.0, 0.2))),
     # ... and the 6-crop multi-crop scaled by 48/224.

@@ -8,29 +8,23 @@ Determinism (what makes a resumed run continue the same trajectory):
   view transform: the augmentation of an image depends on nothing else (not on the worker, the number
   of workers or processes, or where a run was resumed).
 
-Datasets: ``imagefolder`` (``common.imagefolder.RobustImageFolder``: ImageNet layout, the embedded synthetic
-set; corrupt files skipped and counted) and ``cifar10`` / ``cifar100`` (torchvision's readers of the
-python-pickle release, never downloaded here).
+Datasets: every kind of ``common.datasets`` (``DATA_KINDS``: ImageFolder, optionally restricted to a class
+list such as ImageNet-100; unlabelled flat folders and file lists; STL-10's binary release; CIFAR), built
+by ``common.datasets.open_image_set``; image files skip and count corrupt files.
 """
 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from common.datasets import image_set_size, open_image_set
 from common.errors import ConfigError
-from common.imagefolder import RobustImageFolder, dataloader_defaults
-
-DATASET_KINDS = ("imagefolder", "cifar10", "cifar100")
-
-
-class DataConfigError(ConfigError):
-    """A data setting that cannot work; the message names the key and the fix."""
+from common.imagefolder import dataloader_defaults
 
 
 def derived_seed(*keys: int) -> int:
@@ -101,24 +95,15 @@ def steps_per_epoch(num_images: int, global_batch: int, world_size: int) -> int:
 
 
 def build_dataset(cfg_data, transform) -> Dataset:
-    """The training set of ``cfg_data`` with ``transform`` (images -> list of views)."""
-    kind = cfg_data.kind
-    root = Path(str(cfg_data.root)).expanduser()
-    if kind == "imagefolder":
-        folder = root / cfg_data.split if cfg_data.split else root
-        return RobustImageFolder(folder, transform=transform)
-    if kind in ("cifar10", "cifar100"):
-        import torchvision
+    """The training set of ``cfg_data`` with ``transform`` (images -> list of views): ``common.datasets``."""
+    return open_image_set(cfg_data.kind, cfg_data.root, cfg_data.split or "", transform,
+                          classes=cfg_data.classes, file_list=cfg_data.file_list)
 
-        cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
-        try:
-            return cls(str(root), train=True, transform=transform, download=False)
-        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-            raise DataConfigError(
-                f"data.kind={kind}: no CIFAR data under {str(root)!r} ({e}); fix: put the python release "
-                f"({'cifar-10-batches-py' if kind == 'cifar10' else 'cifar-100-python'}/) there and set data.root, "
-                "nothing is downloaded") from None
-    raise DataConfigError(f"data.kind={kind!r} is unknown; choose one of {list(DATASET_KINDS)}")
+
+def dataset_size(cfg_data) -> int:
+    """The number of training images of ``cfg_data`` (the launcher's check; STL-10's pixels are not read)."""
+    return image_set_size(cfg_data.kind, cfg_data.root, cfg_data.split or "", classes=cfg_data.classes,
+                          file_list=cfg_data.file_list)
 
 
 def build_loader(dataset: Dataset, sampler: EpochShardSampler, batch_size: int, workers: int,

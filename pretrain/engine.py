@@ -12,7 +12,11 @@ and trains to the end of the schedule:
   spectrum are reported, and the run stops (``train.on_nonfinite=stop``) or skips the batch (``skip``);
   a skipped batch also puts back the batch-norm statistics its forward moved (online and EMA).
 - Checkpoints (DESIGN.md format, atomic, never with a NaN/inf tensor) every ``train.ckpt_every_steps``
-  steps and at every epoch end; temporaries left by killed writes are removed at start and end.
+  steps and at every epoch end; temporaries left by killed writes are removed at start and end. The
+  ``last.pth`` a write replaces stays as ``last.prev.pth`` when it is readable; a start whose ``last.pth``
+  cannot be read (cut by a full disk, a partial copy, garbage) resumes from the newest readable of
+  ``last.prev.pth`` and the snapshots (``common.checkpoint.find_resume_point``), saying so in the log, in a
+  ``checkpoint_fallback`` metrics row and in ``COMPLETE``; every rank checks that all resume from one step.
   The resumed run continues the same trajectory: the data order and every augmentation are functions of
   ``(seed, epoch, index)`` (``pretrain.data_loading``), and the steps already done in the epoch are skipped;
   a resume with another total of steps (``optim.epochs``, ``train.max_steps``) is refused.
@@ -30,7 +34,6 @@ and trains to the end of the schedule:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -47,9 +50,16 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from common import runlog
-from common.atomic import atomic_write_text, remove_stale_temporaries, write_json
-from common.checkpoint import LAST_NAME, SNAPSHOT_PATTERN, load_checkpoint, save_checkpoint, snapshot_files
-from common.distributed import DistInfo, all_reduce_sum_start, barrier, gather_with_grad
+from common.atomic import remove_stale_temporaries, write_json
+from common.checkpoint import (
+    LAST_NAME,
+    SNAPSHOT_PATTERN,
+    find_resume_point,
+    load_checkpoint,
+    save_checkpoint,
+    snapshot_files,
+)
+from common.distributed import DistInfo, all_reduce_mean, all_reduce_sum_start, barrier, gather_with_grad
 from common.errors import ConfigError, UserError
 from common.imagefolder import unreadable_files_all_ranks, write_unreadable_list
 from common.preemption import DeferredSignal
@@ -331,12 +341,17 @@ class PretrainEngine:
         self.last_spectrum: dict | None = None
         self.logger: runlog.MetricsLogger | None = None
         self.requeue_signal = DeferredSignal(where=lambda: f"step {self.step + 1}")  # installed by fit()
+        self.resumed_from: Path | None = None  # the checkpoint file resume() read
+        self.fallback: dict | None = None  # what resume() passed over to get there (ResumePoint.record)
 
     # ------------------------------------------------------------------ monitor
     def _build_probe(self) -> OnlineProbe | None:
         want, classes = self.cfg.train.online_probe, num_classes_of(self.dataset)
         if want is None:
             want = bool(classes and classes >= 2)  # on when the training set has labels
+            if not want:
+                log.warning("the training set has no labels (data.kind=%s, data.split=%s): the online probe is off",
+                            self.cfg.data.kind, self.cfg.data.split)
         if not want:
             return None
         if not classes or classes < 2:
@@ -394,7 +409,7 @@ class PretrainEngine:
             "finished": finished,
             "probe": self.probe.state() if self.probe is not None else None,
         }
-        save_checkpoint(state, self.ckpt_path)
+        save_checkpoint(state, self.ckpt_path, keep_previous=True)
         if snapshot:
             epoch = self.step // self.steps_per_epoch
             path = save_checkpoint({**state, "snapshot": True}, self.run_dir / SNAPSHOT_PATTERN.format(epoch=epoch))
@@ -423,16 +438,23 @@ class PretrainEngine:
                               "fix: choose another name= for a new run, or delete that folder to start over")
 
     def resume(self) -> bool:
-        """Loads ``last.pth`` if the run folder has one; returns True when it did."""
-        if not self.ckpt_path.exists():
+        """Loads the run folder's checkpoint if it has one (``last.pth``, or when that cannot be read the newest
+        readable of ``last.prev.pth`` and the snapshots: ``common.checkpoint.find_resume_point``); returns True
+        when it did."""
+        point = find_resume_point(self.ckpt_path)
+        self._check_same_resume_step(point.step if point is not None else 0)
+        if point is None:
             return False
-        ckpt = load_checkpoint(self.ckpt_path, map_location="cpu")
+        ckpt, self.resumed_from = point.state, point.path
+        if point.is_fallback:
+            self.fallback = point.record()
+            log.warning("checkpoint fallback: %s", point.describe())
         self._check_resumable(ckpt.get("config") or {})
         self._check_same_schedule(ckpt)
         self.net.load_state_dict(ckpt["model"])
         if self.target is not None:
             if ckpt.get("ema_model") is None:
-                raise ResumeError(f"{self.ckpt_path} has no ema_model but method.ema is true; fix: a new name=")
+                raise ResumeError(f"{point.path} has no ema_model but method.ema is true; fix: a new name=")
             self.target.load_state_dict(ckpt["ema_model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
@@ -442,7 +464,7 @@ class PretrainEngine:
                 self.probe.load_state(ckpt["probe"])
             else:
                 log.warning("%s holds no online-probe state (written without train.online_probe); the probe starts "
-                            "from zero at step %s", self.ckpt_path, ckpt["step"])
+                            "from zero at step %s", point.path, ckpt["step"])
         self.step = int(ckpt["step"])
         rng = ckpt.get("rng") or {}
         if "torch" in rng:
@@ -455,8 +477,20 @@ class PretrainEngine:
             log.warning("steps per epoch changed from %s to %s (other world size or data set): epoch boundaries "
                         "and the data order after step %d differ from the original run",
                         ckpt["steps_per_epoch"], self.steps_per_epoch, self.step)
-        log.info("resuming from step %d (epoch %d) of %s", self.step, self.step // self.steps_per_epoch, self.ckpt_path)
+        log.info("resuming from step %d (epoch %d) of %s", self.step, self.step // self.steps_per_epoch, point.path)
         return True
+
+    def _check_same_resume_step(self, step: int) -> None:
+        """Every rank reads the checkpoint itself: a file one node reads and another cannot (a broken shared
+        file system) would make the ranks resume from different steps. One collective at the start."""
+        if self.info.world_size == 1:
+            return
+        moments = all_reduce_mean(torch.tensor([float(step), float(step) ** 2], dtype=torch.float64,
+                                               device=self.device))
+        if moments[1].item() != moments[0].item() ** 2:
+            raise ResumeError(f"the processes of this job resume from different steps (rank {self.info.rank}: "
+                              f"step {step}): they do not read the same files in {self.run_dir}; fix: run_dir must "
+                              "be on a file system every node sees the same way (check its mount on each node)")
 
     def _check_same_schedule(self, ckpt: dict) -> None:
         """The cosine lr and EMA schedules are functions of the total steps: a resume may not change it."""
@@ -466,23 +500,13 @@ class PretrainEngine:
         old = ckpt.get("config") or {}
         old_epochs, old_max = (old.get("optim") or {}).get("epochs"), (old.get("train") or {}).get("max_steps")
         raise ResumeError(
-            f"{self.ckpt_path} (step {ckpt['step']}) belongs to a schedule of {saved} steps "
+            f"{self.resumed_from} (step {ckpt['step']}) belongs to a schedule of {saved} steps "
             f"(optim.epochs={old_epochs}, train.max_steps={old_max}, {ckpt.get('steps_per_epoch')} steps per epoch); "
             "this config gives "
             f"{self.total_steps} (optim.epochs={self.cfg.optim.epochs}, train.max_steps={self.cfg.train.max_steps}, "
             f"{self.steps_per_epoch} per epoch). The learning-rate and EMA-momentum cosines depend on the total, so "
             "resuming would silently change them; fix: resume with the old values, or start a new run folder "
             "(another name=, or submit --new) for the new schedule")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drops metric rows after ``step`` (the steps this run repeats) and a torn last line (a kill mid-write)."""
-        path = self.run_dir / runlog.METRICS_NAME
-        if not path.exists():
-            return
-        keep = [r for r in runlog.read_metrics(self.run_dir) if r.get("step", 0) <= step]
-        text = "".join(json.dumps(r) + "\n" for r in keep)
-        if path.read_text() != text:
-            atomic_write_text(path, text)
 
     def _remove_stale_temporaries(self) -> None:
         stale = remove_stale_temporaries(self.ckpt_path)
@@ -501,9 +525,11 @@ class PretrainEngine:
             self._remove_stale_temporaries()
         resumed = self.resume()
         if self.info.is_main:
-            self._truncate_metrics(self.step)  # also rows of an earlier attempt that stopped before a checkpoint
+            runlog.truncate_metrics(self.run_dir, self.step)  # also rows of an attempt that stopped before a checkpoint
             runlog.save_config(self.run_dir, cfg)
         self.logger = runlog.MetricsLogger(self.run_dir, enabled=self.info.is_main, purge_step=self.step + 1)
+        if self.fallback is not None:  # kept with the run's metrics; COMPLETE lists them all
+            self.logger.log(self.step, checkpoint_fallback=self.fallback)
         if not resumed:
             log.info("starting a new run in %s", self.run_dir)
         log.info("world size %d, global batch %d (%d per process), %s lr %.4g (= %.4g x %d / 256; biases and norm "
@@ -513,9 +539,12 @@ class PretrainEngine:
                  self.total_steps, self.steps_per_epoch, self.amp_dtype or "off", self.objective.name)
         try:
             self._train_loop()
-            return self._finish()
-        finally:
-            self.logger.close()
+            summary = self._finish()
+        except BaseException:
+            self.logger.close(quiet=True)  # an error closing it (the same full disk) must not hide this one
+            raise
+        self.logger.close()
+        return summary
 
     def _train_loop(self) -> None:
         cfg = self.cfg.train
@@ -694,6 +723,7 @@ class PretrainEngine:
                 "entropy_topk": spec.get("entropy_topk"), "eigenvalue_saturation_step": saturation_step(rows, k_seen),
                 "world_size": self.info.world_size, "global_batch": self.global_batch,
                 "skipped_images": len(unreadable), "nonfinite_skips": self.nonfinite_skips,
+                "checkpoint_fallbacks": [r["checkpoint_fallback"] for r in rows if "checkpoint_fallback" in r],
                 **{k: v for k, v in latest.items() if v is not None},
             }
             summary = runlog.mark_complete(self.run_dir, summary)  # adds the run's provenance

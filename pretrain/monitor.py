@@ -11,8 +11,10 @@ probe and a periodic k-NN monitor, both on the backbone's features.
   every process its shard, features gathered): the probe's validation top-1 and the weighted k-NN
   (k=20, T=0.07, ``common.knn``, as ``transfer.knn`` computes it offline).
 
-The validation split is ``data.val_split`` (ImageFolder: a folder beside ``data.split``; CIFAR: the test
-set); without one the probe trains and logs its train top-1 only and the k-NN monitor is off.
+The validation split is ``data.val_split`` (ImageFolder: a folder beside ``data.split``; CIFAR, STL-10: the
+test set); without one the probe trains and logs its train top-1 only and the k-NN monitor is off. Both need
+labels: on an unlabelled training set (a flat folder, a file list, STL-10's ``unlabeled`` images) the probe is
+off, with a warning; the k-NN monitor too, except on STL-10, where it votes from the labelled ``train`` split.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from common.datasets import is_labelled, num_classes, open_image_set
 from common.distributed import all_reduce_mean, all_reduce_sum
 from common.features import eval_loader, eval_transform, extract_features, readable
-from common.imagefolder import RobustImageFolder
 from common.knn import knn_accuracy
 from pretrain.model import convert_sync_batchnorm
 
@@ -111,8 +113,8 @@ class MonitorSets:
 
 
 def num_classes_of(dataset: Dataset) -> int | None:
-    classes = getattr(dataset, "classes", None)
-    return len(classes) if classes else None
+    """The number of classes of a labelled training set; None for an unlabelled one (no probe, no k-NN)."""
+    return num_classes(dataset) or None
 
 
 def val_split_folder(cfg_data) -> Path | None:
@@ -129,15 +131,27 @@ def _eval_view(cfg_data):
 
 def build_monitor_sets(cfg, train_set: Dataset) -> MonitorSets:
     """The validation split and the k-NN's training subset of ``cfg.data`` (eval transform). A missing
-    validation folder turns the validation figures off with a warning (the run itself goes on)."""
+    validation folder turns the validation figures off with a warning (the run itself goes on); so does a
+    training set without labels (a flat folder, a file list), except STL-10, whose labelled ``train`` split
+    is the k-NN's voting set and ``test`` its validation split."""
     d, t = cfg.data, cfg.train
     transform = _eval_view(d)
-    n_classes = num_classes_of(train_set) or 0
+    n_classes = num_classes(train_set)
     val: Dataset | None = None
-    if d.kind == "imagefolder":
+    knn_source: Dataset | None = None  # labelled training images with the eval transform
+    if d.kind == "stl10":
+        if d.val_split not in (None, ""):
+            val = open_image_set("stl10", d.root, "test", transform)
+            knn_source = open_image_set("stl10", d.root, "train", transform)
+            n_classes = num_classes(knn_source)
+    elif not is_labelled(train_set):
+        log.warning("monitor: the training set has no labels (data.kind=%s); the online probe and the k-NN monitor "
+                    "are off (they need labels: an ImageFolder <root>/<split>/<class>/<image>)", d.kind)
+        return MonitorSets(val=None, knn_train=None, num_classes=0)
+    elif d.kind == "imagefolder":
         folder = val_split_folder(d)
         if folder is not None and folder.is_dir():
-            val = RobustImageFolder(folder, transform=transform)
+            val = open_image_set("imagefolder", d.root, str(d.val_split), transform, classes=d.classes)
             if val.classes != train_set.classes:
                 log.warning("monitor: %s has other classes than the training set; probe validation and k-NN off",
                             folder)
@@ -147,19 +161,17 @@ def build_monitor_sets(cfg, train_set: Dataset) -> MonitorSets:
                         "and the k-NN monitor is off (fix: data.val_split=<folder beside %s>, or null)", folder,
                         d.val_split, d.split)
     elif d.val_split not in (None, ""):  # cifar10 / cifar100: the test set
-        import torchvision
-
-        cls = torchvision.datasets.CIFAR10 if d.kind == "cifar10" else torchvision.datasets.CIFAR100
-        val = cls(str(Path(str(d.root)).expanduser()), train=False, transform=transform, download=False)
-    # The training images as the monitor sees them: the same dataset object (files, labels, the record of
-    # unreadable files) with the evaluation transform, so the training folder is not scanned a second time.
-    train_eval = copy.copy(train_set)
-    train_eval.transform = transform
+        val = open_image_set(d.kind, d.root, "test", transform)
+    if knn_source is None:
+        # The training images as the monitor sees them: the same dataset object (files, labels, the record of
+        # unreadable files) with the evaluation transform, so the training folder is not scanned a second time.
+        knn_source = copy.copy(train_set)
+        knn_source.transform = transform
     knn_train = None
     if val is not None and int(t.knn_every) > 0:
-        n = min(int(t.knn_train_images), len(train_eval))
-        order = torch.randperm(len(train_eval), generator=torch.Generator().manual_seed(MONITOR_SEED))
-        knn_train = Subset(train_eval, sorted(order[:n].tolist()))
+        n = min(int(t.knn_train_images), len(knn_source))
+        order = torch.randperm(len(knn_source), generator=torch.Generator().manual_seed(MONITOR_SEED))
+        knn_train = Subset(knn_source, sorted(order[:n].tolist()))
     return MonitorSets(val=val, knn_train=knn_train, num_classes=n_classes)
 
 

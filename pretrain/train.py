@@ -23,11 +23,12 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from common.config import merge_onto_schema
+from common.datasets import DATA_KINDS, STL10_SPLITS
 from common.errors import ConfigError
 from common.resnet import FEATURE_DIMS
 from common.stage import begin, hydra_main
 from pretrain import augment
-from pretrain.data_loading import build_dataset, steps_per_epoch
+from pretrain.data_loading import dataset_size, steps_per_epoch
 from pretrain.engine import PretrainEngine
 from pretrain.methods import build_method
 from pretrain.optim import EXCLUSIONS, OPTIMIZERS
@@ -44,11 +45,13 @@ NONFINITE_MODES = ("stop", "skip")
 # without a value here is filled there, and a config that leaves one unset is refused by name.
 @dataclass
 class DataSchema:
-    kind: str = MISSING  # imagefolder | cifar10 | cifar100
+    kind: str = MISSING  # common.datasets.DATA_KINDS: imagefolder | folder | filelist | stl10 | cifar10 | cifar100
     root: str = MISSING
-    split: str = MISSING  # sub-folder of root holding the training images ("" = root itself)
-    val_split: Optional[str] = MISSING  # the monitor's validation split: a folder beside split (CIFAR: any value =
-    #                                     the test set); null: none (probe train top-1 only, no k-NN monitor)
+    split: str = MISSING  # sub-folder of root holding the training images ("" = root itself); STL-10: its split
+    val_split: Optional[str] = MISSING  # the monitor's validation split: a folder beside split (CIFAR, STL-10: any
+    #                                     value = the test set); null: none (probe train top-1 only, no k-NN monitor)
+    classes: Optional[str] = MISSING  # imagefolder: only the classes of this list (imagenet100, or a file); null: all
+    file_list: Optional[str] = MISSING  # filelist: text file of image paths, one per line, relative to root/split
     eval_resize: int = MISSING  # the monitor's evaluation view: resize the shorter side, then centre-crop
     eval_crop: int = MISSING
     workers: int = MISSING  # DataLoader workers per process
@@ -172,11 +175,26 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
         build_method(merged.method, global_batch=o.batch_size, world_size=world_size)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(str(e)) from None
-    if check_paths and d.kind == "imagefolder":
+    _check(d.kind in DATA_KINDS, f"data.kind={d.kind!r} is unknown; choose one of {list(DATA_KINDS)}")
+    _check(d.classes is None or d.kind == "imagefolder",
+           f"data.classes={d.classes!r} applies to data.kind=imagefolder only; fix: data.classes=null")
+    _check((d.file_list is not None) == (d.kind == "filelist"),
+           "data.file_list (a text file of image paths) goes with data.kind=filelist and only with it; got "
+           f"data.kind={d.kind}, data.file_list={d.file_list!r}")
+    _check(d.kind != "stl10" or d.split in STL10_SPLITS,
+           f"data.split={d.split!r} is not an STL-10 split; choose one of {list(STL10_SPLITS)} (pretraining: unlabeled "
+           "or train+unlabeled)")
+    if check_paths and d.kind in ("imagefolder", "folder", "filelist"):
         folder = Path(d.root) / d.split if d.split else Path(d.root)
+        layout = {"imagefolder": "<root>/<split>/<class>/<image> (ImageNet layout)",
+                  "folder": "<root>/<split>/**/<image> (any depth)",
+                  "filelist": "the folder the paths of data.file_list are relative to"}[d.kind]
         _check(folder.is_dir(), f"data.root/data.split = {str(folder)!r} is not a folder; fix: set data.root to the "
-                                "dataset root with <root>/<split>/<class>/<image> (ImageNet layout); for the embedded "
+                                f"dataset root with {layout}; for the embedded "
                                 "set run `make data` (= `python -m common.synthetic --out data/synthetic`)")
+        if d.kind == "filelist":
+            _check(Path(d.file_list).is_file(), f"data.file_list={d.file_list!r} is not a file; fix: a text file with "
+                                                "one image path per line, relative to data.root/data.split")
     return merged
 
 
@@ -184,7 +202,7 @@ def preflight(cfg: Any, world_size: int = 1) -> DictConfig:
     """What `submit` checks before queueing: validate_config, then the training set itself (an empty or
     unusable folder, fewer images than one global batch), read as the engine reads it."""
     merged = validate_config(cfg, world_size)
-    steps_per_epoch(len(build_dataset(merged.data, transform=None)), int(merged.optim.batch_size), world_size)
+    steps_per_epoch(dataset_size(merged.data), int(merged.optim.batch_size), world_size)
     return merged
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from common.cpu_env import export_cpu_env
 
 from .errors import SubmitError
+from .local import DetachedLocalExecutor
 
 SLURM = "slurm"
 LOCAL = "local"
@@ -45,6 +46,10 @@ class Resources:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
+    # Slurm --dependency (e.g. "afterok:12:13"; `submit protocol` chains its jobs with it); a job whose
+    # dependency can never be met (an afterok job failed) is cancelled by Slurm (--kill-on-invalid-dep=yes),
+    # not left pending forever.
+    dependency: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -170,14 +175,18 @@ def slurm_parameters(res: Resources) -> dict:
     params: dict = {
         "job_name": res.job_name,
         "nodes": res.nodes,
-        "ntasks_per_node": res.gpus,
-        "gpus_per_node": res.gpus,
+        "ntasks_per_node": max(1, res.gpus),  # gpus=0: one CPU task (submit protocol's conversion and report)
         "time": res.time_min,
         "signal_delay_s": min(DEFAULT_SIGNAL_DELAY_S, max(10, res.time_min * 60 // 4)),
         # Preemption: let Slurm requeue the job (Slurm's default depends on JobRequeue in slurm.conf).
         "additional_parameters": {"requeue": True},
         "stderr_to_stdout": False,
     }
+    if res.gpus:
+        params["gpus_per_node"] = res.gpus
+    if res.dependency:
+        params["dependency"] = res.dependency
+        params["additional_parameters"]["kill_on_invalid_dep"] = "yes"
     for key, value in (("partition", res.partition), ("account", res.account), ("qos", res.qos),
                        ("constraint", res.constraint), ("mem_per_gpu", res.mem_per_gpu)):
         if value is not None:
@@ -193,7 +202,7 @@ def local_parameters(res: Resources) -> dict:
     import torch
 
     return {
-        "tasks_per_node": res.gpus,
+        "tasks_per_node": max(1, res.gpus),
         # CUDA_VISIBLE_DEVICES is set from gpus_per_node: 0 on a machine without CUDA (CPU processes).
         "gpus_per_node": res.gpus if torch.cuda.is_available() else 0,
         "timeout_min": res.time_min,
@@ -234,6 +243,7 @@ def make_executor(res: Resources, folder: Path, array_parallelism: int | None = 
         executor.update_parameters(**params)
     else:
         os.environ.update(local_cpu_env())  # the LocalExecutor's processes inherit this environment
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=MAX_NUM_TIMEOUT)
+        # the job in a session of its own (slurm/local.py): a Ctrl-C in the terminal reaches submit only
+        executor = DetachedLocalExecutor(folder=folder, max_num_timeout=MAX_NUM_TIMEOUT)
         executor.update_parameters(**local_parameters(res))
     return executor

@@ -15,13 +15,16 @@ it as ``INTL_COMMAND_LINE`` so the run's provenance.json records it rather than 
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
 import socket
+from pathlib import Path
 from typing import Any, Sequence
 
 from common.distributed import limit_cpu_threads
-from common.provenance import COMMAND_LINE_ENV
+from common.provenance import COMMAND_LINE_ENV, record_attempt
+from common.runlog import is_complete, mark_complete, previous_results, write_results
 
 from .stages import StageSpec
 
@@ -138,3 +141,64 @@ class DetectionJob:
 
     def __repr__(self) -> str:
         return f"DetectionJob(output_dir={self.output_dir!r})"
+
+
+CONVERT_MODULE = "transfer.convert"  # imported by name, inside the job (ARCHITECTURE.md: slurm imports no stage)
+DETECTRON2_WEIGHTS = "backbone.pkl"
+
+
+class ConvertJob:
+    """``intl-convert CHECKPOINT <run_dir>/backbone.pkl --check`` as a job (one CPU task), in a run folder of
+    its own: provenance.json at the start, results.json (the source checkpoint's identity, the tensors converted,
+    the check) and COMPLETE at the end; a complete run returns its results at once. ``submit protocol`` chains
+    it between the pretraining and the detection seeds."""
+
+    cpu_threads: int | None = None  # as StageJob.cpu_threads
+    command_line: str | None = None  # as StageJob.command_line
+
+    def __init__(self, source: str, run_dir: str, encoder: str = "online"):
+        self.source = source  # the pretraining checkpoint (last.pth or a snapshot epoch_<N>.pth)
+        self.run_dir = run_dir
+        self.encoder = encoder
+
+    @property
+    def output(self) -> Path:
+        return Path(self.run_dir) / DETECTRON2_WEIGHTS
+
+    @property
+    def config(self) -> dict:
+        """What the job does, as the run's config.yaml records it."""
+        return {"source": self.source, "output": str(self.output), "to": "detectron2", "encoder": self.encoder,
+                "check": True, "run_dir": self.run_dir}
+
+    def __call__(self) -> dict:
+        _export_command_line(self.command_line)
+        limit_cpu_threads(self.cpu_threads)
+        run_dir = Path(self.run_dir)
+        if is_complete(run_dir):
+            print(f"[submit] conversion {run_dir} is already complete", flush=True)
+            return previous_results(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record_attempt(run_dir, world_size=1)
+        convert = importlib.import_module(CONVERT_MODULE).convert
+        # force: an output left by an earlier attempt that stopped before COMPLETE is this job's own file
+        # (intl-convert never replaces a training checkpoint, with or without it)
+        result = convert(self.source, self.output, to="detectron2", encoder=self.encoder, check=True,
+                         force=True, log=lambda line: print(line, flush=True))
+        identity = result.weights.identity
+        results = write_results(run_dir, {"weights": str(result.output), "format": result.fmt,
+                                          "converted": result.converted, "arch": result.weights.arch,
+                                          "encoder": self.encoder, "source": identity,
+                                          "check": "passed" if result.check is not None else None})
+        mark_complete(run_dir, results)
+        return results
+
+    def checkpoint(self, *args: Any, **kwargs: Any):  # a conversion is short: requeued, it starts over
+        import submitit
+
+        again = type(self)(self.source, self.run_dir, self.encoder)
+        again.cpu_threads, again.command_line = self.cpu_threads, self.command_line
+        return submitit.helpers.DelayedSubmission(again)
+
+    def __repr__(self) -> str:
+        return f"ConvertJob({self.source!r} -> {str(self.output)!r})"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from common.atomic import atomic_write_text
-from common.checkpoint import LAST_NAME
+from common.checkpoint import LAST_NAME, resume_candidates
 from common.runlog import is_complete
 
 SUBMITIT_DIR = "submitit"
@@ -35,9 +35,10 @@ DETECTRON2_LAST = "last_checkpoint"  # detectron2's pointer to its newest checkp
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    """Whether the stage in ``run_dir`` has a checkpoint to resume: ``last.pth`` (pretrain, linear, semi)
-    or detectron2's ``seed<k>/last_checkpoint``."""
-    return (run_dir / LAST_NAME).is_file() or any(run_dir.glob(f"seed*/{DETECTRON2_LAST}"))
+    """Whether the stage in ``run_dir`` has a checkpoint to resume: ``last.pth`` (pretrain, linear, semi) or
+    what a resume falls back to (``last.prev.pth``, pretraining snapshots), or detectron2's
+    ``seed<k>/last_checkpoint``."""
+    return bool(resume_candidates(run_dir / LAST_NAME)) or any(run_dir.glob(f"seed*/{DETECTRON2_LAST}"))
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,10 @@ STAGES: dict[str, StageSpec] = {
                         input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
     "semi": StageSpec("semi", "transfer.semi",
                       input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
-    "knn": StageSpec("knn", "transfer.knn",
-                     input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
+    # knn: its data folders are checked by its validate_config (not with knn.features, a dump instead of images)
+    "knn": StageSpec("knn", "transfer.knn", input_paths=("knn.features", "pretrained", "weights")),
+    "embed": StageSpec("embed", "transfer.embed",
+                       input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
     "detection": StageSpec("detection", "transfer.detection.train_net", function="run_task", kind=DETECTION,
                            preflight="preflight"),
 }

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.atomic import check_writable
-from common.checkpoint import CheckpointError, load_checkpoint
+from common.checkpoint import CheckpointError, find_resume_point, problem_of, resume_candidates
 from common.errors import UserError
 from common.runlog import is_complete, save_config
 
@@ -72,23 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="submit", description="Run a pipeline stage on Slurm or as local processes, one task per GPU.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Stages: pretrain, linear, semi, knn (Hydra key=value overrides), detection (detectron2 KEY VALUE "
-               "overrides, --config-file, --seeds). Put overrides that start with '-' after '--'.")
-    p.add_argument("stage", help="pretrain | linear | semi | knn | detection")
+        epilog="Stages: pretrain, linear, semi, knn, embed (Hydra key=value overrides), detection (detectron2 KEY "
+               "VALUE overrides, --config-file, --seeds). Put overrides that start with '-' after '--'.")
+    p.add_argument("stage", help="pretrain | linear | semi | knn | embed | detection (or `submit protocol ...`)")
     p.add_argument("overrides", nargs="*", help="Hydra key=value (detection: KEY VALUE pairs)")
-    r = p.add_argument_group("resources")
-    r.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
-    r.add_argument("--gpus", type=int, default=1, help="GPUs per node = processes per node (default 1)")
-    r.add_argument("--cluster", default="auto", choices=CLUSTERS,
-                   help="slurm, local processes, or auto (slurm when sbatch is on PATH)")
-    r.add_argument("--partition", help="Slurm partition (default: the cluster's default partition)")
-    r.add_argument("--time", type=int, default=DEFAULT_TIME_MIN,
-                   help=f"time limit per job in minutes; longer runs requeue themselves (default {DEFAULT_TIME_MIN})")
-    r.add_argument("--cpus-per-gpu", type=int, help="CPU cores per task (Slurm --cpus-per-task)")
-    r.add_argument("--mem-per-gpu", help="memory per GPU, e.g. 32G (Slurm --mem-per-gpu)")
-    r.add_argument("--account", help="Slurm account")
-    r.add_argument("--qos", help="Slurm quality of service")
-    r.add_argument("--constraint", help="Slurm node constraint, e.g. volta32gb")
+    add_resource_arguments(p)
     j = p.add_argument_group("run")
     j.add_argument("--name", help="run name: the run folder is outputs/<stage>/<name> (Hydra key `name`)")
     j.add_argument("--new", action="store_true", help="start a fresh run even if the run folder exists")
@@ -102,7 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_resource_arguments(p: argparse.ArgumentParser) -> None:
+    """The resource options every stage (and `submit protocol`) takes."""
+    r = p.add_argument_group("resources")
+    r.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    r.add_argument("--gpus", type=int, default=1, help="GPUs per node = processes per node (default 1)")
+    r.add_argument("--cluster", default="auto", choices=CLUSTERS,
+                   help="slurm, local processes, or auto (slurm when sbatch is on PATH)")
+    r.add_argument("--partition", help="Slurm partition (default: the cluster's default partition)")
+    r.add_argument("--time", type=int, default=DEFAULT_TIME_MIN,
+                   help=f"time limit per job in minutes; longer runs requeue themselves (default {DEFAULT_TIME_MIN})")
+    r.add_argument("--cpus-per-gpu", type=int, help="CPU cores per task (Slurm --cpus-per-task)")
+    r.add_argument("--mem-per-gpu", help="memory per GPU, e.g. 32G (Slurm --mem-per-gpu)")
+    r.add_argument("--account", help="Slurm account")
+    r.add_argument("--qos", help="Slurm quality of service")
+    r.add_argument("--constraint", help="Slurm node constraint, e.g. volta32gb")
+
+
+# `submit <command> ...` that are not stages: their modules are loaded by name, like the stages' (so that
+# `submit pretrain` does not import them); each has main(argv) with the arguments after the command.
+COMMANDS = {"protocol": "slurm.protocol"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in COMMANDS:
+        import importlib
+
+        return importlib.import_module(COMMANDS[args_list[0]]).main(args_list[1:])
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     try:
@@ -140,6 +156,7 @@ class Plan:
     jobs: list          # StageJob / DetectionJob objects, not yet submitted
     description: str    # the resolved config (YAML) or the detection commands
     labels: list[str]   # one per job, for messages
+    fallback: str | None = None  # the run resumes from an older checkpoint than last.pth: what and why
 
 
 def _plan_hydra(spec: StageSpec, args) -> Plan:
@@ -171,9 +188,9 @@ def _plan_hydra(spec: StageSpec, args) -> Plan:
                           "the overrides") from None
     _preflight(spec, container, world_size=args.nodes * args.gpus)
     _check_inputs(spec, cfg)
-    _check_resume_checkpoint(spec, state)
+    fallback = _check_resume_checkpoint(spec, state)
     text = OmegaConf.to_yaml(OmegaConf.create(container))
-    return Plan(spec, state, [StageJob(spec, container)], text, [str(run_dir)])
+    return Plan(spec, state, [StageJob(spec, container)], text, [str(run_dir)], fallback)
 
 
 def _plan_detection(spec: StageSpec, args) -> Plan:
@@ -236,19 +253,24 @@ def _check_inputs(spec: StageSpec, cfg) -> None:
                               "`make data` (= `python -m common.synthetic --out data/synthetic`)")
 
 
-def _check_resume_checkpoint(spec: StageSpec, state: RunState) -> None:
-    """A resumed run's checkpoint must load (common.checkpoint.load_checkpoint, as the stage will)."""
+def _check_resume_checkpoint(spec: StageSpec, state: RunState) -> str | None:
+    """A resumed run's checkpoint must be usable, found as the stage will find it
+    (``common.checkpoint.find_resume_point``: ``last.pth``, else the newest readable of ``last.prev.pth`` and
+    the snapshots): returns what to tell about a fallback, or None; a SubmitError naming every file when none
+    can be used."""
     if spec.resume_checkpoint is None or state.state != RESUME:
-        return
+        return None
     path = state.run_dir / spec.resume_checkpoint
-    if not path.exists():
-        return
     try:
-        load_checkpoint(path)
+        point = find_resume_point(path)
     except CheckpointError as e:
-        raise SubmitError(f"this run would resume from {path}, which is unusable: {e}; nothing was submitted; "
-                          f"fix: move {path.name} away to restart the run from scratch, or pass --new for a "
-                          "separate run") from None
+        files = resume_candidates(path)
+        what = f"this run would resume from {path}, which is unusable" if files == [path] else \
+            "this run cannot be resumed"
+        raise SubmitError(f"{what}: {problem_of(e)}; nothing was submitted; fix: move "
+                          f"{', '.join(p.name for p in files)} away to restart the run from scratch, or pass --new "
+                          "for a separate run") from None
+    return point.describe() if point is not None and point.is_fallback else None
 
 
 def _preflight(spec: StageSpec, *args, **kwargs) -> None:
@@ -284,6 +306,8 @@ def _submit(args, argv: list[str]) -> int:
     print(f"submit: stage {spec.name}, {res.cluster} cluster, {res.nodes} node(s) x {res.gpus} GPU slot(s) = "
           f"world size {res.world_size}")
     print(f"submit: {plan.state.describe()}")
+    if plan.fallback:
+        print(f"submit: checkpoint fallback: {plan.fallback}")
     if plan.state.state == COMPLETE:
         if spec.kind == DETECTION:
             return _aggregate_detection(run_dir)
@@ -305,7 +329,8 @@ def _submit(args, argv: list[str]) -> int:
     if active:
         print(f"submit: this run already has job(s) {', '.join(map(str, active))}; waiting for them instead of "
               "submitting another")
-        return _finish(spec, run_dir, _wait_or_report([_attach(a, run_dir) for a in active]))
+        return _finish(spec, run_dir, _wait_or_report([_attach(a, run_dir) for a in active],
+                                                       _resume_command(args, argv, run_dir)))
     for job, label in zip(jobs, plan.labels):
         print(f"submit: job {job.job_id} -> {label}")
         print(f"submit:   logs {job.paths.stdout} (rank 0; {folder}/{job.job_id}_<rank>_log.out|err for all)")
@@ -317,7 +342,7 @@ def _submit(args, argv: list[str]) -> int:
         if spec.kind == DETECTION:
             print(f"submit: when all seeds are done: python -m transfer.detection.aggregate {run_dir}")
         return 0
-    return _finish(spec, run_dir, _wait_or_report(jobs))
+    return _finish(spec, run_dir, _wait_or_report(jobs, _resume_command(args, argv, run_dir)))
 
 
 def _queue(plan: Plan, res: Resources, run_dir: Path, argv: list[str]):
@@ -334,7 +359,7 @@ def _queue(plan: Plan, res: Resources, run_dir: Path, argv: list[str]):
         job.command_line = command  # the tasks' provenance.json records this, not the submitit worker's argv
     if res.cluster != SLURM:  # every task of every job runs at once on this machine: share its cores
         for job in plan.jobs:
-            job.cpu_threads = max(1, (os.cpu_count() or 1) // (res.gpus * len(plan.jobs)))
+            job.cpu_threads = max(1, (os.cpu_count() or 1) // (max(1, res.gpus) * len(plan.jobs)))
     if len(plan.jobs) == 1:
         jobs = [executor.submit(plan.jobs[0])]
     else:
@@ -347,14 +372,38 @@ def _queue(plan: Plan, res: Resources, run_dir: Path, argv: list[str]):
     return folder, jobs
 
 
-def _wait_or_report(jobs: list) -> int:
-    """wait_for(jobs); on Ctrl-C / SIGINT a local job is cancelled (it would otherwise run on, orphaned, with
-    nobody waiting), a Slurm job is left queued or running and the message says how to follow or stop it."""
+def _resume_command(args, argv: list[str], run_dir: Path) -> str:
+    """The command that resumes this run: the same one, without --new and naming the run folder it chose."""
+    if not args.new:
+        return "submit " + shlex.join(argv)
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--name":
+            skip = True
+        elif a != "--new" and not a.startswith(("--name=", "name=")):
+            kept.append(a)
+    return "submit " + shlex.join([*kept, "--name", run_dir.name])
+
+
+def _interrupt_on_hangup(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _wait_or_report(jobs: list, resume: str) -> int:
+    """wait_for(jobs); on Ctrl-C / SIGINT (and SIGTERM, SIGHUP: a closed terminal) a local job is cancelled (it
+    runs in a session of its own, slurm/local.py, and would run on with nobody waiting) and one line says so and
+    how to resume; a Slurm job is left queued or running and the message says how to follow or stop it."""
     import submitit
 
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _interrupt_on_hangup)
     try:
         return wait_for(jobs)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cancelling short
         slurm = [str(j.job_id) for j in jobs if isinstance(j, submitit.SlurmJob)]
         local = [j for j in jobs if not isinstance(j, submitit.SlurmJob)]
         for job in local:
@@ -364,15 +413,23 @@ def _wait_or_report(jobs: list) -> int:
             time.sleep(0.1)
         print(file=sys.stderr)
         if local:
-            state = "still stopping" if any(j.state == "RUNNING" for j in local) else "stopped"
-            print(f"submit: interrupted: cancelled the local job(s) {' '.join(str(j.job_id) for j in local)} "
-                  f"({state}; the checkpoint stays: submitting the same command again resumes the run)",
-                  file=sys.stderr)
+            ids = " ".join(str(j.job_id) for j in local)
+            if any(j.state == "RUNNING" for j in local):
+                print(f"submit: interrupted: cancelled the local job(s) {ids}, still stopping after 30 s "
+                      f"(`kill -9 {ids}` ends them); `{resume}` resumes the run from its last checkpoint",
+                      file=sys.stderr)
+            else:
+                tasks = sum(j.num_tasks for j in local)
+                print(f"submit: interrupted: cancelled the local job(s) {ids} (stopped, {tasks} process(es)); "
+                      f"`{resume}` resumes the run from its last checkpoint", file=sys.stderr)
         if slurm:
             print(f"submit: interrupted: Slurm job(s) {' '.join(slurm)} keep running; follow with `tail -f "
                   f"{jobs[0].paths.stdout}`, stop with `scancel {' '.join(slurm)}`; the same command with --wait "
                   "waits for them again", file=sys.stderr)
         return 130
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def _finish(spec: StageSpec, run_dir: Path, status: int) -> int:
@@ -385,7 +442,7 @@ def _attach(active, run_dir: Path):
     """A submitit handle on a Slurm job queued by an earlier `submit` of this run."""
     import submitit
 
-    ntasks = int(active.record.get("nodes", 1)) * int(active.record.get("gpus", 1))
+    ntasks = int(active.record.get("nodes", 1)) * max(1, int(active.record.get("gpus", 1)))  # gpus 0: one CPU task
     return submitit.SlurmJob(folder=run_dir / SUBMITIT_DIR, job_id=active.job_id, tasks=list(range(ntasks)))
 
 

@@ -17,7 +17,9 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from common.atomic import atomic_torch_save, write_json
 from common.config import compose_config
@@ -51,6 +53,43 @@ def tiny_pretrain_overrides(data_root: Path, steps: int, ckpt_every: int) -> lis
     return ["pretrain/preset=synthetic", f"data.root={data_root}", "data.workers=0", "optim.batch_size=16",
             "model.projector=[64,64]", f"train.max_steps={steps}", f"train.ckpt_every_steps={ckpt_every}",
             "train.log_every=1", "train.spectrum_every=0"]
+
+
+def tiny_protocol_args(data: Path, *extra: str) -> list[str]:
+    """`submit protocol` arguments of the tiny protocol on the tiny embedded sets (tests/conftest.py
+    ``tiny_synthetic``): a ResNet-50 (detection needs one) pretrained on 16-px views, batch 16, 2 epochs of 7 steps,
+    last.pth every 2 steps, the online probe and the k-NN monitor off; every evaluation cut to a couple of steps
+    and the detection to 2 iterations on 64-px images (the settings of tests/e2e/test_detection_e2e.py)."""
+    coco = data / "coco"
+    sets = [["synthetic_coco_train", str(coco / "instances_train.json"), str(coco)],
+            ["synthetic_coco_val", str(coco / "instances_val.json"), str(coco)]]
+    detection = {"INTL.COCO_JSON_SETS": repr(sets), "SOLVER.IMS_PER_BATCH": "2", "SOLVER.MAX_ITER": "2",
+                 "SOLVER.STEPS": "(1,)", "SOLVER.WARMUP_ITERS": "1", "SOLVER.CHECKPOINT_PERIOD": "1000",
+                 "SOLVER.AMP.ENABLED": "False", "TEST.PRECISE_BN.ENABLED": "False", "INPUT.MIN_SIZE_TRAIN": "(64,)",
+                 "INPUT.MIN_SIZE_TEST": "64", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": "4",
+                 "MODEL.RPN.POST_NMS_TOPK_TEST": "20", "TEST.DETECTIONS_PER_IMAGE": "10"}
+    return ["pretrain/preset=synthetic", "pretrain/model=resnet50", f"data.root={data / 'classification'}",
+            "data.workers=0", "optim.batch_size=16", "model.projector=[64,64]", "optim.epochs=2",
+            "train.ckpt_every_steps=2", "train.log_every=1", "train.spectrum_every=0", "train.online_probe=false",
+            "train.knn_every=0",
+            "++data.augment.views=[{size:16,min_scale:1.0,max_scale:1.0},{size:16,min_scale:1.0,max_scale:1.0}]",
+            "eval:data.workers=0", "knn:knn.batch_size=64", "linear:optim.epochs=1", "linear:optim.milestones=[1]",
+            "linear:train.max_steps_per_epoch=2", "semi:optim.epochs=1", "semi:train.max_steps_per_epoch=2",
+            *(f"detection:{k}={v}" for k, v in detection.items()), *extra]
+
+
+def wait_for_step(run: Path, step: int, timeout: float = 90) -> int:
+    """Polls ``run/last.pth`` until it holds ``step`` or later (a job running elsewhere); returns that step."""
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            done = int(torch.load(run / "last.pth")["step"])
+            if done >= step:
+                return done
+        except (FileNotFoundError, EOFError, RuntimeError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"the job did not reach step {step} in {timeout} s")
 
 
 def write_counter_config(folder: Path) -> Path:
@@ -219,3 +258,49 @@ def nan_loss_at(engine, bad_step: int):
         return out
 
     engine.objective.forward = patched
+
+
+def write_stl10_binary(root: Path, n_train: int = 20, n_test: int = 10, n_unlabeled: int = 30,
+                       seed: int = 0) -> dict:
+    """STL-10's binary release in miniature under ``root/stl10_binary/``, in the exact on-disk layout of the
+    official files: ``<split>_X.bin`` raw uint8, each image 3 x 96 x 96 stored channel by channel with each
+    channel column-major (torchvision reads ``reshape(-1, 3, 96, 96)`` then swaps the last two axes), and
+    ``<split>_y.bin`` one uint8 label per image, 1-based (1..10); ``class_names.txt`` one name per line.
+    Returns the images (N, 96, 96, 3 as PIL sees them) and 0-based labels per split."""
+    rng = np.random.default_rng(seed)
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, n, labelled in (("train", n_train, True), ("test", n_test, True), ("unlabeled", n_unlabeled, False)):
+        labels = np.arange(n) % 10
+        images = np.empty((n, 96, 96, 3), np.uint8)
+        for i, y in enumerate(labels):  # a class-dependent colour plus noise: learnable, distinct per image
+            base = np.array([25 * y, 255 - 20 * y, (70 * y) % 256], np.float32)
+            images[i] = np.clip(base + rng.normal(0, 30, (96, 96, 3)), 0, 255).astype(np.uint8)
+        # (N, H, W, C) -> on disk (N, C, W, H): channel-major, each channel column-major
+        images.transpose(0, 3, 2, 1).tofile(folder / f"{split}_X.bin")
+        if labelled:
+            (labels + 1).astype(np.uint8).tofile(folder / f"{split}_y.bin")
+        out[split] = (images, labels if labelled else None)
+    (folder / "class_names.txt").write_text("\n".join(
+        ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]) + "\n")
+    return out
+
+
+def write_images(paths, size: int = 16, seed: int = 0) -> None:
+    """Small random JPEG (or PNG, by suffix) files at ``paths`` (folders created)."""
+    rng = np.random.default_rng(seed)
+    for p in paths:
+        p = Path(p)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(p)
+
+
+def randomised(model, seed: int):
+    """Gives every parameter and BN running stat distinct random values, so a wrong mapping is visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + (0.5 if "running_var" in name else 0.0))
+    return model

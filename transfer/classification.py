@@ -32,23 +32,22 @@ from torchvision.transforms import v2
 from common import features
 from common.atomic import atomic_torch_save, atomic_write_text, save_figure
 from common.backbone_weights import file_sha256, load_backbone_into, read_backbone_weights
-from common.checkpoint import CheckpointError
-from common.config import merge_onto_schema, to_plain
+from common.checkpoint import LAST_NAME, CheckpointError, find_resume_point, keep_previous_file
+from common.config import differences, merge_onto_schema, to_plain
+from common.datasets import check_stl10_files, open_image_set, require_labels
 from common.distributed import DistInfo, barrier, get_rank, get_world_size, is_dist
 from common.errors import ConfigError, UserError
 from common.features import EXCLUDED, eval_loader, loader_kw  # noqa: F401 (eval_loader: C.eval_loader for the stages)
-from common.imagefolder import (
-    RobustImageFolder,
-    unreadable_files_all_ranks,
-    write_unreadable_list,
-)
+from common.imagefolder import unreadable_files_all_ranks, write_unreadable_list
 from common.resnet import FEATURE_DIMS, build_resnet
-from common.runlog import MetricsLogger, mark_complete, save_config, write_results
+from common.runlog import MetricsLogger, mark_complete, save_config, truncate_metrics, write_results
 from common.schedule import StepSchedule
+from transfer.subsets import resolve_subset_list
 
 log = logging.getLogger("transfer")
 
 CLASSIFIER_FORMAT = "intl-classifier"
+EVAL_KINDS = ("imagefolder", "stl10")  # labelled image sets (common.datasets)
 ENCODERS = ("online", "momentum")
 SCHEDULES = ("step", "cosine")
 
@@ -72,9 +71,11 @@ class ModelSchema:
 
 @dataclass
 class DataSchema:
-    root: str = MISSING  # dataset root (ImageNet: holds train/ and val/)
-    train_dir: str = MISSING  # ImageFolder of the training images (<class>/<image>)
-    val_dir: str = MISSING  # ImageFolder of the validation images
+    kind: str = MISSING  # EVAL_KINDS: imagefolder (train_dir / val_dir) | stl10 (root/stl10_binary: train / test)
+    root: str = MISSING  # dataset root (ImageNet: holds train/ and val/; STL-10: holds stl10_binary/)
+    classes: Optional[str] = MISSING  # imagefolder: only the classes of this list (imagenet100, or a file); null: all
+    train_dir: str = MISSING  # ImageFolder of the training images (<class>/<image>); STL-10: the binary folder
+    val_dir: str = MISSING  # ImageFolder of the validation images; STL-10: the binary folder
     workers: int = MISSING  # DataLoader workers per process
     train_crop: int = MISSING  # RandomResizedCrop size (training)
     min_scale: float = MISSING  # RandomResizedCrop scale lower bound
@@ -119,6 +120,8 @@ class KnnSchema:
     k: int = MISSING  # plain majority vote (the paper's tables)
     weighted_k: int = MISSING  # temperature-weighted vote (InstDisc / DINO); 0 to skip
     temperature: float = MISSING
+    weighted_ks: List[int] = MISSING  # more weighted votes from the same neighbours (DINO: 10, 20, 100, 200)
+    features: Optional[str] = MISSING  # a transfer.embed run folder: read its features instead of computing them
     batch_size: int = MISSING  # GLOBAL batch for feature extraction
 
 
@@ -131,7 +134,9 @@ class EvalSchema:
     # pretraining last.pth / torchvision .pth / official INTL / MoCo; null = random init
     weights: Optional[str] = MISSING
     allow_unfinished: bool = MISSING  # evaluate a pretraining checkpoint whose ``finished`` flag is not set
-    encoder: str = MISSING  # online | momentum (the EMA encoder of an EMA-pretrained model)
+    encoder: str = MISSING  # online | momentum (the EMA / key / teacher encoder of the layouts that have one)
+    checkpoint_key: Optional[str] = MISSING  # a layout not recognised: the state_dict's entry (dotted), e.g. teacher
+    checkpoint_prefix: Optional[str] = MISSING  # ... and the backbone's key prefix in it, e.g. module.encoder.
     model: ModelSchema = field(default_factory=ModelSchema)
     data: DataSchema = field(default_factory=DataSchema)
 
@@ -154,7 +159,16 @@ class KnnStageSchema(EvalSchema):
     knn: KnnSchema = field(default_factory=KnnSchema)
 
 
-SCHEMAS = {"linear": LinearSchema, "semi": SemiSchema, "knn": KnnStageSchema}
+@dataclass
+class EmbedSchema(EvalSchema):
+    split: str = MISSING  # all | train | val
+    format: str = MISSING  # npy | torch
+    batch_size: int = MISSING  # GLOBAL batch of the feature extraction
+
+
+SCHEMAS = {"linear": LinearSchema, "semi": SemiSchema, "knn": KnnStageSchema, "embed": EmbedSchema}
+EMBED_SPLITS = ("all", "train", "val")
+EMBED_FORMATS = ("npy", "torch")
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -176,15 +190,20 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
     _check(merged.encoder in ENCODERS, f"encoder={merged.encoder!r}; choose one of {list(ENCODERS)}")
     _check(m.arch is None or m.arch in FEATURE_DIMS,
            f"model.arch={m.arch!r} is unknown; choose one of {sorted(FEATURE_DIMS)}")
-    _check(merged.weights is not None or m.arch is not None,
+    _check(merged.weights is not None or m.arch is not None or (stage == "knn" and merged.knn.features is not None),
            "weights=null (random initialisation) needs model.arch; fix: pass weights=<checkpoint> or "
            "model.arch=resnet50 (and model.small_stem=true for 32-px images)")
-    batch = merged.knn.batch_size if stage == "knn" else merged.optim.batch_size
-    what = "knn.batch_size" if stage == "knn" else "optim.batch_size"
+    batch, what = {"knn": (lambda: merged.knn.batch_size, "knn.batch_size"),
+                   "embed": (lambda: merged.batch_size, "batch_size")}.get(
+        stage, (lambda: merged.optim.batch_size, "optim.batch_size"))
+    batch = batch()
     _check(batch >= 1 and batch % world_size == 0,
            f"{what}={batch} (the GLOBAL batch) is not a positive multiple of the {world_size} processes; "
            f"fix: a multiple of {world_size}, e.g. {max(world_size, batch // world_size * world_size)}")
-    if stage != "knn":
+    if stage == "embed":
+        _check(merged.split in EMBED_SPLITS, f"split={merged.split!r}; choose one of {list(EMBED_SPLITS)}")
+        _check(merged.format in EMBED_FORMATS, f"format={merged.format!r}; choose one of {list(EMBED_FORMATS)}")
+    elif stage != "knn":
         o, t = merged.optim, merged.train
         _check(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
         _check(o.base_lr > 0 and o.momentum >= 0 and o.weight_decay >= 0,
@@ -198,9 +217,21 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
     else:
         _check(merged.knn.k >= 1 and merged.knn.weighted_k >= 0 and merged.knn.temperature > 0,
                "knn.k must be >= 1, knn.weighted_k >= 0 (0 skips it), knn.temperature > 0")
+        _check(all(k >= 1 for k in merged.knn.weighted_ks), f"knn.weighted_ks={list(merged.knn.weighted_ks)}: every k "
+                                                            "must be >= 1 (or an empty list)")
+        _check(merged.knn.features is None or merged.weights is None,
+               "knn.features (a transfer.embed run folder) replaces the backbone: pass it or weights=, not both; the "
+               "features' own weights are recorded in its embedding.json")
     _check(d.workers >= 0 and d.train_crop > 0 and d.val_crop > 0 and d.val_resize >= d.val_crop,
            "data.workers >= 0, data.train_crop/val_crop > 0 and data.val_resize >= data.val_crop are required")
     _check(0 < d.min_scale <= 1, f"data.min_scale must be in (0, 1], got {d.min_scale}")
+    _check(d.kind in EVAL_KINDS, f"data.kind={d.kind!r}: the evaluations need labelled images; choose one of "
+                                 f"{list(EVAL_KINDS)} (flat folders and file lists have no labels: pretraining only)")
+    _check(d.classes is None or d.kind == "imagefolder",
+           f"data.classes={d.classes!r} applies to data.kind=imagefolder only; fix: data.classes=null")
+    _check(not (stage == "semi" and d.kind != "imagefolder"),
+           f"semi-supervised fine-tuning reads ImageFolder trees (its subsets name files); data.kind={d.kind} is not "
+           "one; fix: eval/data=imagenet (or another ImageFolder)")
     if stage == "semi":
         _check(merged.optim.backbone_base_lr >= 0,
                f"optim.backbone_base_lr must be >= 0, got {merged.optim.backbone_base_lr}")
@@ -210,7 +241,17 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
                "and subset.percent (a class-balanced subset drawn from seed); got "
                f"list={s.list!r}, percent={s.percent!r}")
         _check(s.percent is None or 0 < s.percent <= 100, f"subset.percent must be in (0, 100], got {s.percent}")
-    if check_paths:
+    from_dump = stage == "knn" and merged.knn.features is not None
+    if check_paths and from_dump:
+        _check(Path(merged.knn.features).is_dir(), f"knn.features={merged.knn.features!r} is not a folder; fix: the "
+                                                   "run folder of a `python -m transfer.embed split=all` run")
+    if check_paths and d.kind == "stl10" and not from_dump:
+        for split in ("train", "test"):
+            try:
+                check_stl10_files(d.root, split)
+            except UserError as e:
+                raise EvalConfigError(str(e)) from None
+    if check_paths and d.kind == "imagefolder" and not from_dump:
         for key in ("train_dir", "val_dir"):
             folder = Path(d[key])
             _check(folder.is_dir(), f"data.{key} = {str(folder)!r} is not a folder; fix: set data.root to the dataset "
@@ -218,14 +259,16 @@ def validate_eval_config(cfg: Any, stage: str, world_size: int = 1, check_paths:
                                     f"data.{key} to the ImageFolder itself; for the embedded set run `python -m "
                                     "common.synthetic --out data/synthetic` and use "
                                     "data.root=data/synthetic/classification")
+    if check_paths:
         if merged.weights is not None:
             _check(Path(merged.weights).is_file(), f"weights={merged.weights!r} is not a file; fix: pass a pretraining "
                                                    "last.pth, a converted torchvision .pth, or weights=null for "
                                                    "random init")
         if stage == "semi" and merged.subset.list is not None:
             s = merged.subset
-            _check(Path(s.list).is_file(), f"subset.list={s.list!r} is not a file; fix: pass a SimCLR list file "
-                                           "(e.g. imagenet_subsets/10percent.txt) or use subset.percent=10")
+            _check(resolve_subset_list(s.list).is_file(),
+                   f"subset.list={s.list!r} is not a file; fix: subset.list=10percent or 1percent (SimCLR's lists, "
+                   "shipped), a list file (one <wnid>_<id>.JPEG per line), or subset.percent=10")
     return merged
 
 
@@ -241,16 +284,24 @@ def eval_transform(d: DictConfig):
     return features.eval_transform(d.val_resize, d.val_crop, d.mean, d.std)
 
 
-def image_folder(d: DictConfig, split_key: str, transform, bad_target: int | None = None):
-    return RobustImageFolder(Path(d[split_key]), transform=transform, bad_target=bad_target)
+def image_set(d: DictConfig, split: str, transform, bad_target: int | None = None):
+    """The ``train`` or ``val`` images of ``d``: the ImageFolder ``train_dir`` / ``val_dir`` (only the classes of
+    ``data.classes`` when set), or STL-10's ``train`` / ``test`` split; labels required."""
+    if d.kind == "stl10":
+        ds = open_image_set("stl10", d.root, "train" if split == "train" else "test", transform)
+    else:
+        ds = open_image_set("imagefolder", Path(d[f"{split}_dir"]), "", transform, classes=d.classes,
+                            bad_target=bad_target)
+    require_labels(ds, "a classification evaluation")
+    return ds
 
 
 def labelled_sets(d: DictConfig, train_tf, val_tf, exclude_bad_train: bool = False):
-    """The training and validation ImageFolders of ``d`` (``train_dir`` / ``val_dir``), same classes. An
-    unreadable validation image (and a training one with ``exclude_bad_train``, the k-NN) is labelled
-    ``EXCLUDED``; a training set otherwise trains on the neighbour that replaces it."""
-    train_ds = image_folder(d, "train_dir", train_tf, EXCLUDED if exclude_bad_train else None)
-    val_ds = image_folder(d, "val_dir", val_tf, EXCLUDED)
+    """The training and validation sets of ``d`` (``image_set``), same classes. An unreadable validation image
+    (and a training one with ``exclude_bad_train``, the k-NN) is labelled ``EXCLUDED``; a training set otherwise
+    trains on the neighbour that replaces it."""
+    train_ds = image_set(d, "train", train_tf, EXCLUDED if exclude_bad_train else None)
+    val_ds = image_set(d, "val", val_tf, EXCLUDED)
     check_same_classes(train_ds, val_ds)
     return train_ds, val_ds
 
@@ -295,7 +346,8 @@ def build_model(cfg: DictConfig, num_classes: int | None) -> LoadedBackbone:
     """
     state, kind, source, identity = None, "random", "random init", dict(RANDOM_IDENTITY)
     if cfg.weights is not None:
-        w = read_backbone_weights(cfg.weights, encoder=cfg.encoder)
+        w = read_backbone_weights(cfg.weights, encoder=cfg.encoder, checkpoint_key=cfg.checkpoint_key,
+                                  prefix=cfg.checkpoint_prefix)
         identity = w.identity
         check_finished(identity, cfg.allow_unfinished)
         for key, value in (("arch", w.arch), ("small_stem", w.small_stem)):
@@ -350,15 +402,6 @@ def check_finished(identity: dict, allow_unfinished: bool) -> None:
                 what)
 
 
-def _flat(d: Any, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out: dict = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def check_same_run(recorded: dict, cfg: DictConfig, sha256: str | None, where: Path) -> None:
     """Refuses to resume or reuse ``where`` (a classifier checkpoint or results.json holding ``source`` and
     ``config``) for other weights (their bytes' sha256) or a config that differs beyond ``NEUTRAL_KEYS``."""
@@ -374,9 +417,7 @@ def check_same_run(recorded: dict, cfg: DictConfig, sha256: str | None, where: P
         now = f"{cfg.weights} (sha256 {sha256[:12]})" if sha256 else "random initialisation"
         raise StaleRunError(f"{where} was computed from {was} but the weights now are {now}: the checkpoint changed "
                             f"(e.g. the pretraining went on) or another one was passed; {fix}")
-    old, new = _flat(recorded.get("config") or {}), _flat(to_plain(cfg))
-    differ = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in sorted(set(old) | set(new))
-              if old.get(k) != new.get(k) and k not in NEUTRAL_KEYS]
+    differ = differences(recorded.get("config") or {}, to_plain(cfg), ignore=NEUTRAL_KEYS)
     if differ:
         raise StaleRunError(f"{where} was computed with another config ({'; '.join(differ[:8])}); {fix}")
 
@@ -455,15 +496,26 @@ def lr_factor_schedule(o: DictConfig, total_steps: int, steps_per_epoch: int) ->
 # ------------------------------------------------------------------------------------------ run scaffolding
 def open_run(run_dir: Path, cfg: DictConfig, info: DistInfo, source: dict) -> tuple[MetricsLogger, dict | None]:
     """config.yaml (rank 0), the metrics logger (a no-op on the other ranks) and the classifier checkpoint
-    to resume (``run_dir/last.pth``, None for a new run), read once here and checked to be of the same
-    weights and config (``check_same_run``) before anything in the folder is rewritten."""
-    ckpt = run_dir / "last.pth"
-    resume = load_classifier_checkpoint(ckpt) if ckpt.exists() else None
-    if resume is not None:
-        check_same_run(resume, cfg, source["sha256"], ckpt)
+    to resume (``run_dir/last.pth``, or when that cannot be read ``last.prev.pth``: ``find_resume_point``; None
+    for a new run), read once here and checked to be of the same weights and config (``check_same_run``) before
+    anything in the folder is rewritten. A resumed run's metrics rows after its checkpoint's step are dropped
+    (they are logged again)."""
+    point = find_resume_point(run_dir / LAST_NAME, load=load_classifier_checkpoint, snapshots=False)
+    resume = point.state if point is not None else None
+    if point is not None:
+        check_same_run(resume, cfg, source["sha256"], point.path)
+        if point.is_fallback:
+            log.warning("checkpoint fallback: %s", point.describe())
     if info.is_main:
+        if point is not None and point.step is not None:
+            truncate_metrics(run_dir, point.step)
         save_config(run_dir, cfg)
-    return MetricsLogger(run_dir, enabled=info.is_main), resume
+    resumed_step = point.step if point is not None else None
+    logger = MetricsLogger(run_dir, enabled=info.is_main,
+                           purge_step=resumed_step + 1 if resumed_step is not None else None)
+    if point is not None and point.is_fallback:
+        logger.log(point.step, checkpoint_fallback=point.record())
+    return logger, resume
 
 
 def results_record(stage: str, cfg: DictConfig, loaded: LoadedBackbone, info: DistInfo, **figures: Any) -> dict:
@@ -579,7 +631,7 @@ def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_l
     total = steps_per_epoch * o.epochs
     factor = lr_factor_schedule(o, total, steps_per_epoch)
     start_epoch, best, history = 0, 0.0, []
-    ckpt = run_dir / "last.pth"
+    ckpt = run_dir / LAST_NAME
     if resume is not None:
         saved = resume
         try:
@@ -628,6 +680,7 @@ def fit_classifier(*, model: nn.Module, optimizer: torch.optim.Optimizer, peak_l
             log.info("ep %d/%d val top-1 %.2f top-5 %.2f (best top-1 %.2f)", epoch + 1, o.epochs, final["top1"],
                      final["top5"], best)
         if info.is_main:
+            keep_previous_file(ckpt)  # last.prev.pth: what a resume falls back to if last.pth cannot be read
             atomic_torch_save({"format": CLASSIFIER_FORMAT, "model": state_to_save(),
                                "optimizer": optimizer.state_dict(),
                                "epoch": epoch + 1, "step": step, "best_top1": best, "history": history,

@@ -1,7 +1,8 @@
 """`intl-convert INPUT OUTPUT [--to detectron2|torchvision] [--encoder online|momentum] [--check] [--force]`.
 
 Converts a backbone from any checkpoint that :mod:`common.backbone_weights` reads (this project's
-pretraining checkpoints, the official INTL ones, MoCo-style ones, plain torchvision ResNets) into
+pretraining checkpoints, official INTL, solo-learn, Barlow Twins, DINO, MoCo v1/v2/v3, SimSiam, VISSL, timm,
+plain torchvision ResNets; anything else with ``--checkpoint-key`` / ``--prefix``) into
 
 - ``detectron2``: a pickle ``{"model": {d2 name: numpy array}, "__author__": ..., "matching_heuristics": True}``
   with detectron2's ResNet names (``stem.conv1``, ``res2``-``res5``, ``convK.norm``, ``shortcut``), for
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 
 from common.atomic import atomic_path, atomic_pickle_dump, atomic_torch_save, check_writable
-from common.backbone_weights import BackboneWeights, load_backbone_into, read_backbone_weights
+from common.backbone_weights import KINDS, TRAINING_KINDS, BackboneWeights, load_backbone_into, read_backbone_weights
 from common.checkpoint import CheckpointError
 from common.config import config_dir
 from common.errors import UserError
@@ -455,7 +456,7 @@ def resolve_format(output: Path, to: str | None) -> str:
 
 
 # Checkpoints a run resumes from or a user keeps; intl-convert never replaces one (read_backbone_weights' kinds).
-TRAINING_CHECKPOINT_KINDS = ("intl-pretrain", "official-intl", "moco")
+TRAINING_CHECKPOINT_KINDS = TRAINING_KINDS
 
 
 def check_output_path(output: Path, input_path: Path, force: bool) -> None:
@@ -477,7 +478,7 @@ def check_output_path(output: Path, input_path: Path, force: bool) -> None:
     except UserError:
         kind = None  # not a checkpoint read_backbone_weights knows (e.g. an earlier detectron2 .pkl): replaceable
     if kind in TRAINING_CHECKPOINT_KINDS:
-        raise ConversionError(f"the output {output} is a training checkpoint ({_KIND_TEXT[kind]}); intl-convert never "
+        raise ConversionError(f"the output {output} is a training checkpoint ({KINDS[kind]}); intl-convert never "
                               "replaces one, even with --force (its heads, optimizer and resume state would be lost); "
                               "fix: choose another output path")
 
@@ -485,7 +486,8 @@ def check_output_path(output: Path, input_path: Path, force: bool) -> None:
 def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: str | None = None,
             encoder: str = "online", check: bool = False, check_opts: Sequence[str] = (),
             tolerance: float = DEFAULT_TOLERANCE, log: Callable[[str], None] = print,
-            verbose: bool = False, force: bool = False) -> ConvertResult:
+            verbose: bool = False, force: bool = False, checkpoint_key: str | None = None,
+            prefix: str | None = None) -> ConvertResult:
     """Converts ``input_path`` to ``output_path``; raises ConversionError / CheckpointError / WriteError, writing
     nothing. An existing output is replaced only with ``force`` (never a training checkpoint)."""
     input_path, output = Path(input_path), Path(output_path)
@@ -494,10 +496,13 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: s
     if len(check_opts) % 2:
         raise ConversionError(f"--check-opts must be KEY VALUE pairs, got {list(check_opts)}")
 
-    weights = read_backbone_weights(input_path, encoder=encoder)
+    weights = read_backbone_weights(input_path, encoder=encoder, checkpoint_key=checkpoint_key, prefix=prefix)
     log(f"input: {input_path}")
-    where = f", backbone keys under {weights.prefix!r}" if weights.prefix else ""
-    log(f"  detected kind: {weights.kind} ({_KIND_TEXT[weights.kind]}), encoder: {encoder}{where}")
+    where = (f", backbone keys under {weights.prefix!r}" if weights.prefix else "") + \
+        (f" in {weights.where!r}" if weights.where else "")
+    log(f"  detected kind: {weights.kind} ({KINDS[weights.kind]}), encoder: {encoder}{where}")
+    for note in weights.notes:
+        log(f"  note: {note}")
     log(f"  architecture: {weights.arch}{' with the small (CIFAR) stem' if weights.small_stem else ''}, "
         f"{expected_weight_count(weights)} weight tensors (conv + BN weight/bias/running stats)")
     if weights.filled:
@@ -542,14 +547,6 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: s
         log(f"wrote {output}: torchvision {weights.arch} state_dict with {converted} tensors (no fc.*)"
             + ("; load it into common.resnet.build_resnet(..., small_stem=True)" if weights.small_stem else ""))
     return ConvertResult(output=output, fmt=fmt, weights=weights, converted=converted, check=report)
-
-
-_KIND_TEXT = {
-    "intl-pretrain": "this project's pretraining checkpoint",
-    "official-intl": "official INTL checkpoint",
-    "moco": "MoCo-style checkpoint",
-    "torchvision": "plain torchvision ResNet state_dict",
-}
 
 
 def _skip_group(key: str) -> str:
@@ -613,13 +610,22 @@ def _check_failure(report: CheckReport) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="intl-convert",
-        description="Convert a pretraining / official INTL / MoCo / torchvision checkpoint's ResNet backbone to "
-                    "detectron2 (.pkl) or torchvision (.pth) weights.")
+        description="Convert a checkpoint's ResNet backbone to detectron2 (.pkl) or torchvision (.pth) weights. "
+                    "Recognised layouts (detected from the content): " + "; ".join(f"{k}: {v}" for k, v in
+                                                                                  KINDS.items()) + ".")
     p.add_argument("input", help="checkpoint to read (the kind is detected and printed)")
     p.add_argument("output", help="file to write; *.pkl = detectron2, *.pth = torchvision unless --to is given")
     p.add_argument("--to", choices=FORMATS, default=None, help="output format (default: from the output suffix)")
     p.add_argument("--encoder", choices=("online", "momentum"), default="online",
-                   help="which encoder: the online network (default) or the momentum/EMA encoder")
+                   help="which encoder: the online network (default; DINO: the student) or the momentum / EMA / key / "
+                        "teacher encoder of the layouts that have one")
+    p.add_argument("--checkpoint-key", default=None, metavar="KEY",
+                   help="for a layout not recognised: the entry holding the state_dict, a dotted path "
+                        "(e.g. teacher, state_dict, classy_state_dict.base_model.model.trunk), as DINO's "
+                        "--checkpoint_key")
+    p.add_argument("--prefix", default=None, metavar="PREFIX",
+                   help="for a layout not recognised: the key prefix of the ResNet backbone in that state_dict "
+                        "(e.g. module.encoder.); default: the only ResNet found in it")
     p.add_argument("--check", action="store_true",
                    help="detectron2: compare detectron2's ResNet with the torchvision model numerically and report "
                         "which Mask R-CNN C4 keys stay new; fail (writing nothing) on a mismatch")
@@ -639,7 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         convert(args.input, args.output, to=args.to, encoder=args.encoder, check=args.check,
-                check_opts=args.check_opts, tolerance=args.tolerance, verbose=args.verbose, force=args.force)
+                check_opts=args.check_opts, tolerance=args.tolerance, verbose=args.verbose, force=args.force,
+                checkpoint_key=args.checkpoint_key, prefix=args.prefix)
     except CheckFailed as e:
         print(f"intl-convert: {e}", file=sys.stderr)
         return 1

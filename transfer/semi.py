@@ -35,7 +35,8 @@ def select_subset(cfg: DictConfig, train_ds, run_dir: Path, is_main: bool) -> tu
     root = str(cfg.data.train_dir)
     if cfg.subset.list is not None:
         names = subsets.read_subset_list(cfg.subset.list)
-        info = {"list": str(cfg.subset.list), "percent": None}
+        info = {"list": str(cfg.subset.list), "list_file": str(subsets.resolve_subset_list(cfg.subset.list)),
+                "percent": None}
     else:
         names = subsets.balanced_subset(train_ds.samples, cfg.subset.percent, cfg.seed)
         saved = run_dir / f"subset_{cfg.subset.percent:g}pct.txt"

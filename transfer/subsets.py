@@ -4,6 +4,8 @@ A list file names one training image per line, ``<class>_<id>.<ext>`` (ImageNet:
 as in SimCLR's ``imagenet_subsets/{1,10}percent.txt``. The class is the part before the first ``_``
 (the ImageNet wnid, i.e. the ImageFolder class folder).
 
+- ``resolve_subset_list(value)``: ``1percent`` / ``10percent`` name SimCLR's lists shipped in this package
+  (``transfer/imagenet_subsets/``, see its README for the source); anything else is a path.
 - ``read_subset_list(path)``: the file names (blank lines skipped; malformed lines and duplicates are errors).
 - ``subset_indices(samples, names)``: the positions of those files in an ImageFolder's ``samples``;
   files the tree does not have are an error that says how many are missing and shows a few.
@@ -29,15 +31,27 @@ from common.errors import UserError
 _ENTRY = re.compile(r"^([^_/\\\s]+)_([^/\\\s]+)\.([A-Za-z0-9]+)$")
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "imagenet_subsets"
+SHIPPED_LISTS = ("1percent", "10percent")  # SimCLR's ImageNet lists (google-research/simclr imagenet_subsets/)
+
+
 class SubsetError(UserError, ValueError):
     """A subset list that does not fit the dataset; the message names the problem and the fix."""
 
 
+def resolve_subset_list(value: str | os.PathLike) -> Path:
+    """The list file of ``subset.list``: a shipped list by name (``1percent``, ``10percent``), else a path."""
+    name = str(value)
+    if name in SHIPPED_LISTS:
+        return SHIPPED_DIR / f"{name}.txt"
+    return Path(name).expanduser()
+
+
 def read_subset_list(path: str | os.PathLike) -> list[str]:
-    path = Path(path)
+    path = resolve_subset_list(path)
     if not path.is_file():
-        raise SubsetError(f"subset list {str(path)!r} does not exist; fix: pass a SimCLR list file "
-                          "(one <wnid>_<id>.JPEG per line, e.g. imagenet_subsets/10percent.txt) or use subset.percent")
+        raise SubsetError(f"subset list {str(path)!r} does not exist; fix: subset.list=10percent or 1percent (SimCLR's "
+                          "lists, shipped), a list file (one <wnid>_<id>.JPEG per line), or subset.percent")
     names, bad, seen, dups = [], [], set(), []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         name = line.strip()

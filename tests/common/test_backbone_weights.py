@@ -9,16 +9,7 @@ import torchvision
 from common.backbone_weights import build_backbone_from, load_backbone_into, read_backbone_weights
 from common.checkpoint import CheckpointError, save_checkpoint
 from common.resnet import build_resnet
-
-
-def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Gives every parameter and BN running stat distinct random values, so a wrong mapping is visible."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand(t.shape, generator=g) + (0.5 if "running_var" in name else 0.0))
-    return model
+from stage_fixtures import randomised
 
 
 def _projector_state() -> dict:
@@ -35,12 +26,12 @@ def _assert_same(sd: dict, model: torch.nn.Module) -> None:
 
 @pytest.fixture(scope="module")
 def r18_online():
-    return _randomised(build_resnet("resnet18"), 1)
+    return randomised(build_resnet("resnet18"), 1)
 
 
 @pytest.fixture(scope="module")
 def r18_ema():
-    return _randomised(build_resnet("resnet18"), 2)
+    return randomised(build_resnet("resnet18"), 2)
 
 
 def test_intl_pretrain_online_and_ema(tmp_path, r18_online, r18_ema):
@@ -84,8 +75,9 @@ def test_intl_pretrain_without_ema_refuses_momentum(tmp_path, r18_online):
 def test_official_intl_layout(tmp_path, r18_online, r18_ema):
     sd = {f"module.backbone.{k}": v for k, v in r18_online.state_dict().items()}
     sd.update({f"module.momentum_backbone.{k}": v for k, v in r18_ema.state_dict().items()})
-    sd.update({f"module.{k}": v for k, v in _projector_state().items()})
-    torch.save({"epoch": 100, "state_dict": sd, "optimizer": {}}, tmp_path / "official.pth")
+    sd.update({f"module.{k.replace('projector', 'projection')}": v for k, v in _projector_state().items()})
+    # INTL main.py's save: {'epoch', 'arch', 'state_dict' (DDP model: backbone, projection, momentum_*), 'optimizer'}
+    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": sd, "optimizer": {}}, tmp_path / "official.pth")
 
     w = read_backbone_weights(tmp_path / "official.pth")
     assert w.kind == "official-intl" and w.prefix == "backbone."
@@ -156,8 +148,9 @@ def test_empty_state_dict():
 def test_wrong_prefix_lists_found_prefixes(r18_online):
     sd = {f"module.net.{k}": v for k, v in r18_online.state_dict().items()}
     sd["module.head.weight"] = torch.zeros(2)
-    with pytest.raises(CheckpointError, match=r"no recognisable ResNet backbone; key prefixes found: "
-                                              r"'module.net.' \(120 keys\), 'module.head.' \(1 keys\)"):
+    with pytest.raises(CheckpointError, match=r"no recognisable ResNet backbone; top-level entries: 'state_dict'; key "
+                                              r"prefixes found: 'module.net.' \(120 keys\), 'module.head.' \(1 keys\)"
+                                              r".*fix: .*--checkpoint-key <entry> --prefix <prefix>"):
         read_backbone_weights({"state_dict": sd})
 
 

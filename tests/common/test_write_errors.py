@@ -48,6 +48,7 @@ def test_full_disk_during_a_checkpoint_write_names_the_path_and_keeps_the_previo
     leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "last.pth")
     print(f"{type(exc).__name__} -> {msg}; leftover files: {len(leftovers)}")
     assert str(target) in msg and "free space" in msg
+    assert "the disk mounted at /" in msg and " bytes free (" in msg  # which disk, and how full it is
     assert target.read_bytes() == before and leftovers == []
 
 

@@ -44,3 +44,28 @@ def localhost_slurm():
         else:
             os.environ["SLURM_CONF"] = old
         subprocess.run(["bash", str(DOWN), "--purge", str(folder)], capture_output=True, timeout=180)
+
+
+@pytest.fixture(autouse=True)
+def _no_slurm_jobs_left(request):
+    """A Slurm test that fails (or stops waiting) leaves its jobs running on the session's cluster, where they
+    would take the cores and GPU slots of the next tests: after every test that used the cluster, its jobs
+    are cancelled and their end awaited."""
+    yield
+    if "localhost_slurm" not in request.fixturenames:
+        return
+    env = {**os.environ, "SLURM_CONF": str(request.getfixturevalue("localhost_slurm") / "etc" / "slurm.conf")}
+
+    def queued():
+        proc = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=env, timeout=60)
+        return proc.stdout.split()
+
+    left = queued()
+    if not left:
+        return
+    subprocess.run(["scancel", *left], capture_output=True, env=env, timeout=60)
+    deadline = time.time() + 120
+    while queued() and time.time() < deadline:
+        time.sleep(1)
+    print(f"\n{request.node.name}: cancelled the Slurm job(s) it left: {' '.join(left)}"
+          + (f"; still queued after 120 s: {' '.join(queued())}" if queued() else ""))

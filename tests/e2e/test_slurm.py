@@ -20,6 +20,7 @@ import torch
 import stage_fixtures
 from slurm import stages
 from slurm.submit import main
+from stage_fixtures import wait_for_step
 
 pytestmark = pytest.mark.slurm
 
@@ -41,19 +42,6 @@ def _job_id(run: Path) -> str:
     return json.loads((run / "submissions.jsonl").read_text().splitlines()[-1])["job_ids"][0]
 
 
-def _wait_for_step(run: Path, step: int, timeout: float = 90) -> int:
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            done = int(torch.load(run / "last.pth")["step"])
-            if done >= step:
-                return done
-        except (FileNotFoundError, EOFError, RuntimeError):
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"the job did not reach step {step} in {timeout} s")
-
-
 def test_two_tasks_requeued_after_a_timeout_signal_resume(localhost_slurm, counter_env, capsys):
     """2 tasks x 2 fake GPUs through sbatch, interrupted by the signal Slurm sends (`--signal=USR2@<delay>`)
     before the time limit: submitit calls the job's checkpoint() and requeues it. (Preemption, where Slurm
@@ -69,7 +57,7 @@ def test_two_tasks_requeued_after_a_timeout_signal_resume(localhost_slurm, count
     argv = ["counter", "--cluster", "slurm", "--gpus", "2", "--time", "10", "steps=10", "step_seconds=0.4"]
     assert main(argv) == 0
     job = _job_id(run)
-    reached = _wait_for_step(run, 2)
+    reached = wait_for_step(run, 2)
     shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     assert "gres/gpu=2" in shown and "NumTasks=2" in shown, shown  # the allocation Slurm made
     script = next((run / "submitit").glob("*.sh")).read_text()
@@ -121,7 +109,7 @@ def test_pretrain_through_sbatch_preempted_resumes_to_the_same_step(localhost_sl
     assert main(argv) == 0
     run = tmp_path / "outputs" / "pretrain" / "tiny"
     job = _job_id(run)
-    reached = _wait_for_step(run, 2, timeout=150)
+    reached = wait_for_step(run, 2, timeout=150)
     assert reached <= steps - 10, "the run got too close to its end before it could be interrupted"
     subprocess.run(["scontrol", "requeue", job], check=True)
     capsys.readouterr()
@@ -214,7 +202,7 @@ def test_wait_reports_a_job_killed_without_results(counter_env, capsys):
     run = counter_env
     assert main(["counter", "--cluster", "slurm", "--gpus", "2", "--time", "10", "steps=60", "step_seconds=0.5"]) == 0
     job = _job_id(run)
-    _wait_for_step(run, 1)
+    wait_for_step(run, 1)
     subprocess.run(["scancel", job], check=True)
     assert wait_for([submitit.SlurmJob(folder=run / "submitit", job_id=job, tasks=[0, 1])]) == 1
     err = capsys.readouterr().err

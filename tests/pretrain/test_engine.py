@@ -335,3 +335,30 @@ def test_channels_last_trains_the_same_steps_in_nhwc(tiny_synthetic, tmp_path, m
     assert ckpt["model"]["backbone.conv1.weight"].dim() == 4
     # the same maths in another memory layout: equal up to float32 summation order
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+@pytest.mark.parametrize("steps", [(8, 8), (8, 7), (0, 8)])
+def test_ranks_that_would_resume_from_different_steps_all_stop(monkeypatch, steps):
+    """Each rank finds its checkpoint itself; a shared file system that shows one node another file than the
+    other (a cut last.pth seen on one node only) must stop every rank, not train them from different steps."""
+    from types import SimpleNamespace
+
+    from pretrain import engine as E
+
+    mean = torch.tensor([float(np.mean(steps)), float(np.mean(np.square(steps)))], dtype=torch.float64)
+    monkeypatch.setattr(E, "all_reduce_mean", lambda x: mean.clone())  # what two ranks' all-reduce gives
+    outcomes = []
+    for rank, step in enumerate(steps):
+        me = SimpleNamespace(info=SimpleNamespace(world_size=2, rank=rank), device=torch.device("cpu"),
+                             run_dir=Path("/runs/x"))
+        try:
+            E.PretrainEngine._check_same_resume_step(me, step)
+            outcomes.append("resumes")
+        except E.ResumeError as e:
+            outcomes.append(str(e))
+    print(f"resume steps {steps}: {outcomes}")
+    if steps[0] == steps[1]:
+        assert outcomes == ["resumes", "resumes"]
+    else:
+        assert all("resume from different steps" in o and "fix: run_dir must be on a file system" in o
+                   for o in outcomes)

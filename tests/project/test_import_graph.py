@@ -31,6 +31,8 @@ LAZY_ALLOWED = {
     # The launcher reads detection run folders; transfer.detection imports detectron2 at module level,
     # which `submit pretrain` must not pay for (nor need installed).
     ("slurm/submit.py", "transfer.detection.aggregate"),
+    ("slurm/protocol.py", "transfer.detection.aggregate"),  # the same, for `submit protocol`'s detection seeds
+    ("slurm/protocol_report.py", "transfer.detection.aggregate"),  # the same, for the protocol's table
     # `import transfer.detection` registers detectron2 components; train_net's worker imports the trainer
     # (detectron2's engine) only inside the job.
     ("transfer/detection/train_net.py", "transfer.detection.trainer"),

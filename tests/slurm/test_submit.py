@@ -57,7 +57,7 @@ def test_extra_stage_env_is_validated(monkeypatch):
 
 
 def test_product_stages_are_registered():
-    assert set(stages.STAGES) == {"pretrain", "linear", "semi", "knn", "detection"}
+    assert set(stages.STAGES) == {"pretrain", "linear", "semi", "knn", "embed", "detection"}
     assert stages.get_stage("pretrain").module == "pretrain.train"
 
 
@@ -269,6 +269,35 @@ def test_pretrain_resume_from_an_unreadable_checkpoint_is_refused_before_queuein
     assert "name: broken_2" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("cluster", ["local", "slurm"])
+def test_pretrain_resume_from_a_cut_last_pth_falls_back_and_only_none_usable_is_refused(tmp_path, monkeypatch,
+                                                                                         capsys, cluster):
+    """What the stage will do (common.checkpoint.find_resume_point), decided before queueing: a cut last.pth
+    with a readable last.prev.pth is queued, saying from which step; with both unreadable, refused naming both."""
+    from common.checkpoint import save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "outputs" / "pretrain" / "cut"
+    for step in (4, 6):
+        save_checkpoint({"model": {}, "epoch": 0, "step": step, "config": {}}, run / "last.pth", keep_previous=True)
+    data = (run / "last.pth").read_bytes()
+    (run / "last.pth").write_bytes(data[: len(data) // 2])  # a full disk or a partial copy
+    argv = ["pretrain", "--cluster", cluster, "--dry-run", "--name", "cut",
+            f"data.root={ROOT}/data/synthetic/classification"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    fallback = next(line for line in out.splitlines() if "checkpoint fallback" in line)
+    print(fallback)
+    assert fallback.startswith("submit: checkpoint fallback: resuming from last.prev.pth (step 4) instead: "
+                               "last.pth could not be read") and "nothing was submitted" in out
+    (run / "last.prev.pth").write_bytes(b"garbage")
+    assert main(argv) == 2
+    err = _err(capsys)
+    print(err)
+    assert "last.pth could not be read" in err and "last.prev.pth could not be read" in err
+    assert "fix: move last.pth, last.prev.pth away" in err
+
+
 # ---------------------------------------------------------------------------------- run folders
 def test_complete_run_does_nothing(counter_env, capsys):
     run = counter_env / "outputs" / "counter" / "counter"
@@ -418,3 +447,19 @@ def test_real_detection_stage_accepts_a_converted_resnet50(synthetic_root, capsy
             "--config-file", str(ROOT / "configs" / "detection" / "synthetic_R_50_C4.yaml"),
             "MODEL.WEIGHTS", str(tmp_path / "r50.pkl")]
     assert main(argv) == 0, _err(capsys)
+
+
+def test_embed_and_knn_from_a_dump_dry_run_without_image_folders(tmp_path, monkeypatch, capsys):
+    """`submit embed` is a stage; `submit knn knn.features=<embed run>` needs no image folder (none is read),
+    while a missing data folder is still refused before queueing when the images are read."""
+    monkeypatch.chdir(tmp_path)
+    dump = tmp_path / "outputs" / "embed" / "embed"
+    dump.mkdir(parents=True)
+    assert main(["knn", "--cluster", "local", "--dry-run", f"knn.features={dump}", "model.arch=resnet18",
+                 "data.root=/no/such/folder"]) == 0
+    assert main(["knn", "--cluster", "local", "--dry-run", "model.arch=resnet18", "data.root=/no/such/folder"]) == 2
+    assert "/no/such/folder/train" in capsys.readouterr().err
+    assert main(["embed", "--cluster", "local", "--dry-run", "model.arch=resnet18", "data.root=/no/such/folder"]) == 2
+    assert main(["embed", "--cluster", "local", "--dry-run", "model.arch=resnet18", "eval/data=stl10",
+                 f"data.root={tmp_path}"]) == 2
+    assert "stl10_binary/train_X.bin, which does not exist" in capsys.readouterr().err

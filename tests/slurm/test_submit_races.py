@@ -1,11 +1,15 @@
 """`submit` under concurrency and interrupts, against real local jobs of the test-only `counter` stage:
-simultaneous submits of one run queue exactly one job; SIGINT to `submit --wait` does not orphan its job."""
+simultaneous submits of one run queue exactly one job; SIGINT to `submit --wait` (`kill -INT`, or Ctrl-C in its
+terminal) does not orphan its job and prints one line, no traceback."""
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -112,3 +116,75 @@ def test_sigint_to_submit_wait_cancels_its_local_job(counter_env):
     assert proc.returncode == 130, err
     assert not still_running, f"the local job {job_pid} kept running after `submit --wait` was interrupted: {err}"
     assert f"cancelled the local job(s) {job_pid} (stopped" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err  # the job's own tracebacks: in its logs
+
+
+def _processes_naming(folder: Path) -> list[int]:
+    """The pids of the processes whose command line names ``folder`` (a local job's controller and tasks)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(folder) in cmdline and _alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_in_the_terminal_stops_the_local_job_with_one_line(counter_env):
+    """A real terminal (a pty): Ctrl-C sends SIGINT to the terminal's foreground process group. Before, the
+    job's controller and tasks were in that group too: each got the signal and the controller's
+    KeyboardInterrupt traceback reached the terminal."""
+    run = counter_env / "outputs" / "counter" / "counter"
+    folder = run / "submitit"
+    master, slave = pty.openpty()
+
+    def controlling_terminal():  # the child leads a new session whose terminal is the pty, as a shell's job
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    import termios
+
+    proc = subprocess.Popen([sys.executable, "-m", "slurm.submit", "counter", "--cluster", "local", "--wait", "--gpus",
+                             "2", *LONG_RUN], stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_terminal)
+    os.close(slave)
+    screen, job = b"", []
+
+    def read(seconds: float) -> None:
+        nonlocal screen
+        end = time.time() + seconds
+        while time.time() < end:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    screen += os.read(master, 65536)
+                except OSError:  # the terminal's last writer is gone
+                    return
+
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (len(job) >= 3 and b"counter: step 3/" in screen):
+            read(0.3)
+            job = _processes_naming(folder)  # the controller and its 2 tasks
+        assert len(job) >= 3, screen.decode(errors="replace")
+        os.write(master, b"\x03")  # Ctrl-C, as typed
+        while proc.poll() is None and time.time() < deadline:
+            read(0.3)
+        read(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    left = [pid for pid in job if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    text = screen.decode(errors="replace").replace("\r\n", "\n")
+    after = text[text.index("^C"):] if "^C" in text else text
+    lines = [ln for ln in after.splitlines() if ln.strip() and ln.strip() != "^C"]
+    print(f"Ctrl-C: submit exit {proc.returncode}; {len(job)} job processes before, {len(left)} after; printed after "
+          f"the ^C: {lines}")
+    assert proc.returncode == 130 and left == []
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert len(lines) == 1 and lines[0].startswith("submit: interrupted: cancelled the local job(s)"), lines
+    assert "(stopped, 2 process(es)); `submit counter --cluster local --wait --gpus 2 steps=100000" in lines[0]

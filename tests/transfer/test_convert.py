@@ -236,12 +236,27 @@ def _nan_sd() -> dict:
 BROKEN = {  # case: (input, expected message, output suffix)
     "empty": (lambda: {"state_dict": {}}, "empty state_dict", ".pkl"),
     "wrong_prefix": (lambda: {"state_dict": {f"module.net.{k}": v for k, v in _r18_sd().items()}},
-                     r"no recognisable ResNet backbone; key prefixes found: 'module.net.' \(120 keys\)", ".pth"),
+                     r"no recognisable ResNet backbone; top-level entries: 'state_dict'; key prefixes found: "
+                     r"'module.net.' \(120 keys\).*--checkpoint-key <entry> --prefix <prefix>", ".pth"),
     "missing_layer": (lambda: {k: v for k, v in _r18_sd().items() if not k.startswith("layer3.")},
                       r"incomplete resnet18: 25 of 100 backbone tensors missing: layer3\.\*", ".pkl"),
     "nan": (_nan_sd, r"non-finite \(NaN/Inf\) values in 1 backbone tensors: layer2.1.conv1.weight", ".pth"),
     "no_momentum": (lambda: _r18_sd(), "has no momentum encoder", ".pkl"),
 }
+
+
+def test_unrecognised_layout_converts_with_checkpoint_key_and_prefix(tmp_path, capsys):
+    """The CLI options for a layout not recognised, as DINO's eval scripts take --checkpoint_key."""
+    sd = _r18_sd()
+    src = tmp_path / "in.pth"
+    torch.save({"ema": {f"net.trunk.{k}": v for k, v in sd.items()}, "epoch": 3}, src)
+    assert main([str(src), str(tmp_path / "out.pth")]) == 2
+    assert "--checkpoint-key" in capsys.readouterr().err and not (tmp_path / "out.pth").exists()
+    assert main([str(src), str(tmp_path / "out.pth"), "--checkpoint-key", "ema", "--prefix", "net.trunk."]) == 0
+    out = capsys.readouterr().out
+    assert "detected kind: custom" in out and "'net.trunk.' in 'ema'" in out
+    got = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert all(torch.equal(got[k], sd[k]) for k in got) and len(got) == len(sd)
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))

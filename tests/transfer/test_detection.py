@@ -303,7 +303,7 @@ def test_trainer_hooks_cap_checkpoints_and_log_every_loss(tmp_path, synthetic_ro
     cfg = load_config(CONFIGS / "synthetic_R_50_C4.yaml", [
         *synthetic_sets(synthetic_root),
         "INTL.MAX_CHECKPOINTS_TO_KEEP", "3", "OUTPUT_DIR", str(tmp_path)])
-    adjust_for_run(cfg, [], world_size=1, cuda=False)
+    adjust_for_run(cfg, [], world_size=1, cuda=False, native_bf16=True)  # keeps SOLVER.AMP on, on any CPU
     register_datasets(cfg)
     trainer = Trainer(cfg)
     kinds = {type(h): h for h in trainer._hooks}

@@ -126,3 +126,18 @@ def test_knn_presets_read_back():
 
 
 
+
+
+def test_several_k_in_one_pass_equal_one_k_at_a_time():
+    from common.knn import knn_accuracies, knn_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)
+    ty, vy = torch.randint(0, 7, (300,), generator=g), torch.randint(0, 7, (50,), generator=g)
+    for weighted in (False, True):
+        many = knn_accuracies(train, ty, test, vy, [10, 20, 100, 200], weighted=weighted, num_classes=7)
+        assert [m["k"] for m in many] == [10, 20, 100, 200]
+        for m in many:
+            one = knn_accuracy(train, ty, test, vy, k=m["k"], weighted=weighted, num_classes=7)
+            assert (m["top1"], m["top5"]) == (one["top1"], one["top5"])
+    assert len({m["top1"] for m in knn_accuracies(train, ty, test, vy, [1, 50, 300], weighted=True)}) > 1

@@ -6,7 +6,7 @@ import pytest
 from common.config import compose_config
 from stage_fixtures import semi_cfg
 from transfer import semi
-from transfer.subsets import SubsetError
+from transfer.subsets import SubsetError, resolve_subset_list
 
 
 def test_paper_presets_read_back():
@@ -16,8 +16,9 @@ def test_paper_presets_read_back():
         o = cfg.optim
         assert (o.epochs, o.batch_size, o.base_lr, o.backbone_base_lr, o.momentum, o.weight_decay, o.schedule) == \
             (20, 256, 0.2, blr, 0.9, 0.0, "cosine"), preset
-        assert cfg.subset.list.endswith(f"{pct}percent.txt") and cfg.subset.percent is None
-    assert compose_config("semi", []).subset.list.endswith("10percent.txt")  # the default preset
+        assert cfg.subset.list == f"{pct}percent" and cfg.subset.percent is None  # the shipped list, by name
+        assert resolve_subset_list(cfg.subset.list).is_file()
+    assert compose_config("semi", []).subset.list == "10percent"  # the default preset
     syn = semi.validate_config(compose_config("semi", ["eval/semi=synthetic", "model.arch=resnet18"]),
                                check_paths=False)
     assert syn.subset.percent == 10 and syn.subset.list is None

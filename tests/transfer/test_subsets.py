@@ -1,32 +1,46 @@
-"""SimCLR subset lists: the real ImageNet 1% / 10% files, mapping onto an ImageFolder tree, balanced draws."""
+"""SimCLR subset lists: the real ImageNet 1% / 10% files shipped in the package, mapping onto an ImageFolder tree,
+balanced draws."""
 
 from pathlib import Path
 
 import pytest
 
 from common.imagefolder import RobustImageFolder
-from stage_fixtures import SHARED
 from transfer.subsets import (
+    SHIPPED_DIR,
     SubsetError,
     balanced_subset,
     class_of,
     read_subset_list,
+    resolve_subset_list,
     subset_classes,
     subset_indices,
     write_subset_list,
 )
 
-LISTS = SHARED / "data" / "imagenet_subsets"
-
 
 @pytest.fixture(scope="module")
 def one_percent() -> list[str]:
-    return read_subset_list(LISTS / "1percent.txt")
+    return read_subset_list("1percent")  # by name: the shipped copy
 
 
 @pytest.fixture(scope="module")
 def ten_percent() -> list[str]:
-    return read_subset_list(LISTS / "10percent.txt")
+    return read_subset_list("10percent")
+
+
+def test_lists_are_shipped_inside_the_package_and_named_by_the_default_config():
+    from common.config import compose_config
+
+    assert resolve_subset_list("1percent") == SHIPPED_DIR / "1percent.txt"
+    assert resolve_subset_list("10percent").is_file() and resolve_subset_list("1percent").is_file()
+    assert SHIPPED_DIR.parent == Path(__import__("transfer.subsets").subsets.__file__).resolve().parent
+    assert resolve_subset_list("other/list.txt") == Path("other/list.txt")  # anything else is a path
+    assert compose_config("semi", []).subset.list == "10percent"
+    assert compose_config("semi", ["eval/semi=imagenet_1pct"]).subset.list == "1percent"
+    # declared as package data, so an installed (non-editable) package carries them
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert '"imagenet_subsets/*.txt"' in pyproject and '"lists/*.txt"' in pyproject
 
 
 def test_real_simclr_lists_are_read(one_percent, ten_percent):
