@@ -40,11 +40,13 @@ bench: venv data
 clean-outputs:
 	rm -rf outputs
 
-# A real single-node Slurm on this machine (root, Debian 12); then: export SLURM_CONF=$(SLURM_DIR)/etc/slurm.conf
+# A real Slurm on this machine (root, Debian 12): NODES=1 one node, NODES=2 two nodes in their own network
+# namespaces on a private bridge; then: source $(SLURM_DIR)/env.sh (exports SLURM_CONF).
 SLURM_DIR ?= /tmp/intl-slurm
+NODES ?= 1
 .PHONY: slurm-up slurm-down
 slurm-up:
-	bash slurm/localhost/up.sh --install $(SLURM_DIR)
+	bash slurm/localhost/up.sh --install --nodes $(NODES) $(SLURM_DIR)
 slurm-down:
 	bash slurm/localhost/down.sh --purge $(SLURM_DIR)
 

@@ -4,6 +4,11 @@ The launcher (``submit``: submitit on Slurm, or local processes) exports the sta
 ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``. Without them the code runs as a
 single process. The backend is nccl when CUDA is available, gloo otherwise (each "GPU" slot is then a
 CPU process).
+
+The collective timeout (how long a collective, the rendezvous included, waits for a rank before it fails)
+is ``$INTL_COLLECTIVE_TIMEOUT_MIN`` minutes (``submit --collective-timeout MIN`` sets it in every task),
+default ``DEFAULT_TIMEOUT_MIN``. Every process of a group also starts its ``common.heartbeat``, so that a
+rank that is gone is named when a collective fails.
 """
 
 from __future__ import annotations
@@ -18,7 +23,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from common import heartbeat
 from common.cpu_env import tune_cpu_allocator
+from common.errors import ConfigError
+
+TIMEOUT_ENV = "INTL_COLLECTIVE_TIMEOUT_MIN"
+DEFAULT_TIMEOUT_MIN = 30.0
 
 
 @dataclass(frozen=True)
@@ -34,9 +44,25 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(timeout_minutes: int = 30) -> DistInfo:
-    """Initialises the default process group from the environment (idempotent). A process that computes on
-    the CPU also gets the malloc settings of ``common.cpu_env`` here (the one start every stage shares)."""
+def collective_timeout_min() -> float:
+    """The collective timeout in minutes: ``$INTL_COLLECTIVE_TIMEOUT_MIN``, else ``DEFAULT_TIMEOUT_MIN``."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_MIN
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r} is not a positive number of minutes; fix: e.g. "
+                          f"{TIMEOUT_ENV}=30 (submit --collective-timeout 30), or unset it for {DEFAULT_TIMEOUT_MIN:g}")
+    return value
+
+
+def init_distributed(timeout_minutes: float | None = None) -> DistInfo:
+    """Initialises the default process group from the environment (idempotent), with the collective timeout
+    ``timeout_minutes`` (None: ``collective_timeout_min()``), and starts this process's heartbeat. A process that
+    computes on the CPU also gets the malloc settings of ``common.cpu_env`` here (the one start every stage shares)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -49,8 +75,11 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     if world_size > 1:
         backend = "nccl" if use_cuda else "gloo"
         if not dist.is_initialized():
+            minutes = collective_timeout_min() if timeout_minutes is None else timeout_minutes
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+                                    timeout=datetime.timedelta(minutes=minutes))
+            if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+                heartbeat.start(rank, world_size, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, backend=backend)
 
 
@@ -174,6 +203,7 @@ def cleanup() -> None:
     if not is_dist():
         return
     dist.barrier()
+    heartbeat.stop()
     gc.collect()
     time.sleep(0.2)
     dist.destroy_process_group()

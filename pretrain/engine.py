@@ -41,6 +41,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -224,6 +225,11 @@ def _scalar(v: Any) -> float | None:
     return None
 
 
+def _cast_inputs(module: nn.Module, args: tuple, dtype: torch.dtype) -> tuple:
+    """Forward pre-hook: the module's tensor inputs in ``dtype`` (train.dtype=float64)."""
+    return tuple(a.to(dtype) if torch.is_tensor(a) else a for a in args)
+
+
 def _fmt_time(seconds: float) -> str:
     return str(timedelta(seconds=int(max(seconds, 0))))
 
@@ -283,7 +289,12 @@ class PretrainEngine:
             net = convert_sync_batchnorm(net, self.device)
         # channels_last: NHWC activations, faster convolutions with tensor cores (GPU); a no-op for the maths
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        self.net = net.to(self.device, memory_format=self.memory_format)
+        # train.dtype=float64 (exactness checks): the weights in double precision, and every input of the backbone
+        # (the views, the monitor's images) cast to it on the way in; no autocast then.
+        self.dtype = getattr(torch, str(cfg.train.dtype))
+        self.net = net.to(self.device, dtype=self.dtype, memory_format=self.memory_format)
+        if self.dtype != torch.float32:
+            self.net.backbone.register_forward_pre_hook(partial(_cast_inputs, dtype=self.dtype))
         self.objective = build_method(cfg.method, global_batch=self.global_batch, world_size=world)
         if self.num_views < 2:
             raise ConfigError(f"data.augment gives {self.num_views} view(s); every method needs at least 2 "
@@ -322,7 +333,7 @@ class PretrainEngine:
         warmup_steps = int(round(float(cfg.optim.warmup_epochs) * self.steps_per_epoch))
         self.lr_at = lr_scheduler(self.peak_lr, self.total_steps, warmup_steps, float(cfg.optim.final_lr_ratio))
         self.momentum_at = ema_momentum_scheduler(float(cfg.optim.ema_momentum), self.total_steps)
-        self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
+        self.amp_dtype = autocast_dtype(cfg.train.amp, self.device) if self.dtype == torch.float32 else None
         self.scaler = torch.cuda.amp.GradScaler() if self.amp_dtype == torch.float16 else None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True

@@ -36,6 +36,7 @@ from pretrain.optim import EXCLUSIONS, OPTIMIZERS
 log = logging.getLogger("pretrain")
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+DTYPES = ("float32", "float64")
 NONFINITE_MODES = ("stop", "skip")
 
 
@@ -86,6 +87,7 @@ class OptimSchema:
 @dataclass
 class TrainSchema:
     amp: str = MISSING  # auto (bf16/fp16 on GPU, off on CPU) | off | bf16 | fp16
+    dtype: str = MISSING  # float32 | float64 (network and views; float64 runs without autocast)
     log_every: int = MISSING  # steps between metric rows / progress lines
     spectrum_every: int = MISSING  # steps between spectrum measurements (0: only at the end)
     spectrum_topk: int = MISSING  # k of the top-k condition number / entropy / eigenvalue curves (FroSSL: 14)
@@ -155,6 +157,9 @@ def validate_config(cfg: Any, world_size: int = 1, check_paths: bool = True) -> 
     _check(0 <= o.final_lr_ratio <= 1, f"optim.final_lr_ratio must be in [0, 1], got {o.final_lr_ratio}")
     _check(0 <= o.ema_momentum <= 1, f"optim.ema_momentum must be in [0, 1], got {o.ema_momentum}")
     _check(t.amp in AMP_MODES, f"train.amp={t.amp!r}; choose one of {list(AMP_MODES)}")
+    _check(t.dtype in DTYPES, f"train.dtype={t.dtype!r}; choose one of {list(DTYPES)}")
+    _check(t.dtype == "float32" or t.amp in ("auto", "off"),
+           f"train.dtype={t.dtype} runs without autocast, but train.amp={t.amp}; fix: train.amp=off (or float32)")
     _check(t.on_nonfinite in NONFINITE_MODES,
            f"train.on_nonfinite={t.on_nonfinite!r}; choose one of {list(NONFINITE_MODES)}")
     _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cpu_env import export_cpu_env
+from common.distributed import TIMEOUT_ENV
 
 from .errors import SubmitError
 from .local import DetachedLocalExecutor
@@ -46,6 +47,7 @@ class Resources:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
+    env: tuple[tuple[str, str], ...] = ()  # exported in every task first (task_env)
     # Slurm --dependency (e.g. "afterok:12:13"; `submit protocol` chains its jobs with it); a job whose
     # dependency can never be met (an afterok job failed) is cancelled by Slurm (--kill-on-invalid-dep=yes),
     # not left pending forever.
@@ -54,6 +56,35 @@ class Resources:
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus
+
+
+# Set by the launcher in every task (slurm.jobs); --env may not replace them.
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "CUDA_VISIBLE_DEVICES", "INTL_COMMAND_LINE")
+
+
+def task_env(items: list[str], collective_timeout_min: float | None) -> tuple[tuple[str, str], ...]:
+    """The environment every task exports before the process group starts: ``--env KEY=VALUE`` (NCCL_* /
+    GLOO_* / anything), plus ``$INTL_COLLECTIVE_TIMEOUT_MIN`` from ``--collective-timeout``."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise SubmitError(f"--env {item!r} is not KEY=VALUE with a variable name as KEY; fix: e.g. "
+                              "--env NCCL_SOCKET_IFNAME=ib0 (one --env per variable)")
+        if key in LAUNCHER_ENV or key.startswith(("SLURM_", "SUBMITIT_")):
+            raise SubmitError(f"--env {key}=...: {key} is set by the launcher (or Slurm) in every task; fix: drop it")
+        if key == TIMEOUT_ENV:
+            raise SubmitError(f"--env {key}=...: fix: use --collective-timeout {value or 'MIN'}")
+        if key in env and env[key] != value:
+            raise SubmitError(f"--env {key} is given twice ({env[key]!r} and {value!r}); fix: keep one")
+        env[key] = value
+    if collective_timeout_min is not None:
+        if not collective_timeout_min > 0:
+            raise SubmitError(f"--collective-timeout must be a positive number of minutes, got "
+                              f"{collective_timeout_min}")
+        env[TIMEOUT_ENV] = f"{collective_timeout_min:g}"
+    return tuple(env.items())
 
 
 def resolve_cluster(choice: str) -> str:

@@ -11,6 +11,11 @@ to its next step boundary and writes ``last.pth`` there before submitit's handle
 
 ``command_line`` (set by ``submit``, kept by a requeue) is the user's ``submit ...`` command: the task exports
 it as ``INTL_COMMAND_LINE`` so the run's provenance.json records it rather than the submitit worker's argv.
+``env`` (``submit --env KEY=VALUE``, ``--collective-timeout``; kept by a requeue) is exported in every task
+before anything else runs, so NCCL_* / GLOO_* settings are in place when the process group starts.
+
+The stage runs inside ``common.heartbeat.naming_lost_ranks()``: a collective that fails because another rank
+is gone (killed, its node down) raises an error naming that rank and its host.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.distributed import limit_cpu_threads
+from common.heartbeat import naming_lost_ranks
 from common.provenance import COMMAND_LINE_ENV, record_attempt
 from common.runlog import is_complete, mark_complete, previous_results, write_results
 
@@ -68,15 +74,27 @@ def export_distributed_env() -> dict[str, str]:
                 "LOCAL_WORLD_SIZE": str(env.local_world_size)}
     print(f"[submit] {socket.gethostname()}: rank {env.rank} of world size {env.world_size} "
           f"(local rank {env.local_rank} of {env.local_world_size}), rendezvous "
-          f"{env.master_addr}:{env.master_port}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}",
+          f"{env.master_addr}:{env.master_port}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}; "
+          + ("this rank writes the outputs" if env.rank == 0 else "no outputs from this rank (rank 0 writes them)"),
           flush=True)
     return exported
 
 
 
-def _export_command_line(command_line: str | None) -> None:
-    if command_line:
-        os.environ[COMMAND_LINE_ENV] = command_line
+def _prepare_task(job) -> None:
+    """What every task does first: the job's environment, the distributed variables, the command line, the
+    CPU threads of a local run."""
+    os.environ.update(job.env or {})
+    export_distributed_env()
+    if job.command_line:
+        os.environ[COMMAND_LINE_ENV] = job.command_line
+    limit_cpu_threads(job.cpu_threads)
+
+
+def _again(job, fresh):
+    """A requeued copy keeps what ``submit`` set on the job."""
+    fresh.cpu_threads, fresh.command_line, fresh.env = job.cpu_threads, job.command_line, dict(job.env or {})
+    return fresh
 
 
 class StageJob:
@@ -84,6 +102,7 @@ class StageJob:
 
     cpu_threads: int | None = None  # torch threads per task of a local CPU run (see limit_cpu_threads)
     command_line: str | None = None  # the `submit ...` command that queued the job (see the module docstring)
+    env: dict[str, str] | None = None  # exported in every task first (see the module docstring)
 
     def __init__(self, spec: StageSpec, config: dict[str, Any]):
         self.spec = spec
@@ -92,20 +111,17 @@ class StageJob:
     def __call__(self) -> Any:
         from omegaconf import OmegaConf
 
-        export_distributed_env()
-        _export_command_line(self.command_line)
-        limit_cpu_threads(self.cpu_threads)
+        _prepare_task(self)
         run = self.spec.load_entry_point()
-        return run(OmegaConf.create(self.config))
+        with naming_lost_ranks():
+            return run(OmegaConf.create(self.config))
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
 
         print(f"[submit] {self.spec.name}: time-out or preemption signal; requeueing, the run resumes from "
               f"the last checkpoint in {self.config.get('run_dir')}", flush=True)
-        again = type(self)(self.spec, self.config)
-        again.cpu_threads, again.command_line = self.cpu_threads, self.command_line
-        return submitit.helpers.DelayedSubmission(again)
+        return submitit.helpers.DelayedSubmission(_again(self, type(self)(self.spec, self.config)))
 
     def __repr__(self) -> str:
         return f"StageJob({self.spec.name}, run_dir={self.config.get('run_dir')!r})"
@@ -116,6 +132,7 @@ class DetectionJob:
 
     cpu_threads: int | None = None  # as StageJob.cpu_threads
     command_line: str | None = None  # as StageJob.command_line
+    env: dict[str, str] | None = None  # as StageJob.env
 
     def __init__(self, spec: StageSpec, config_file: str, opts: Sequence[str], output_dir: str):
         self.spec = spec
@@ -124,11 +141,10 @@ class DetectionJob:
         self.output_dir = output_dir
 
     def __call__(self) -> Any:
-        export_distributed_env()
-        _export_command_line(self.command_line)
-        limit_cpu_threads(self.cpu_threads)
+        _prepare_task(self)
         run_task = self.spec.load_entry_point()
-        return run_task(self.config_file, list(self.opts), self.output_dir, resume=True)
+        with naming_lost_ranks():
+            return run_task(self.config_file, list(self.opts), self.output_dir, resume=True)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
@@ -136,8 +152,7 @@ class DetectionJob:
         print(f"[submit] detection: time-out or preemption signal; requeueing, detectron2 resumes from "
               f"{self.output_dir}", flush=True)
         again = type(self)(self.spec, self.config_file, self.opts, self.output_dir)
-        again.cpu_threads, again.command_line = self.cpu_threads, self.command_line
-        return submitit.helpers.DelayedSubmission(again)
+        return submitit.helpers.DelayedSubmission(_again(self, again))
 
     def __repr__(self) -> str:
         return f"DetectionJob(output_dir={self.output_dir!r})"
@@ -155,6 +170,7 @@ class ConvertJob:
 
     cpu_threads: int | None = None  # as StageJob.cpu_threads
     command_line: str | None = None  # as StageJob.command_line
+    env: dict[str, str] | None = None  # as StageJob.env
 
     def __init__(self, source: str, run_dir: str, encoder: str = "online"):
         self.source = source  # the pretraining checkpoint (last.pth or a snapshot epoch_<N>.pth)
@@ -172,7 +188,9 @@ class ConvertJob:
                 "check": True, "run_dir": self.run_dir}
 
     def __call__(self) -> dict:
-        _export_command_line(self.command_line)
+        os.environ.update(self.env or {})  # one process, no process group: no distributed variables
+        if self.command_line:
+            os.environ[COMMAND_LINE_ENV] = self.command_line
         limit_cpu_threads(self.cpu_threads)
         run_dir = Path(self.run_dir)
         if is_complete(run_dir):
@@ -196,9 +214,7 @@ class ConvertJob:
     def checkpoint(self, *args: Any, **kwargs: Any):  # a conversion is short: requeued, it starts over
         import submitit
 
-        again = type(self)(self.source, self.run_dir, self.encoder)
-        again.cpu_threads, again.command_line = self.cpu_threads, self.command_line
-        return submitit.helpers.DelayedSubmission(again)
+        return submitit.helpers.DelayedSubmission(_again(self, type(self)(self.source, self.run_dir, self.encoder)))
 
     def __repr__(self) -> str:
         return f"ConvertJob({self.source!r} -> {str(self.output)!r})"

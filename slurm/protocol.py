@@ -61,6 +61,7 @@ from .executor import (
     partition_info,
     render_sbatch,
     resolve_cluster,
+    task_env,
     validate,
 )
 from .jobs import ConvertJob, DetectionJob, StageJob
@@ -380,7 +381,7 @@ def plan(args) -> Protocol:
     protocol = Protocol(name, folder, cluster, evals, snapshots, snapshot_evals)
 
     common_res = dict(cluster=cluster, partition=args.partition, cpus_per_gpu=args.cpus_per_gpu, account=args.account,
-                      qos=args.qos, constraint=args.constraint)
+                      qos=args.qos, constraint=args.constraint, env=task_env(args.env, args.collective_timeout))
     res = {
         "pretrain": Resources(nodes=args.nodes, gpus=args.gpus, time_min=args.time, mem_per_gpu=args.mem_per_gpu,
                               **common_res),

@@ -94,6 +94,8 @@ STAGES: dict[str, StageSpec] = {
                        input_paths=("data.root", "data.train_dir", "data.val_dir", "pretrained", "weights")),
     "detection": StageSpec("detection", "transfer.detection.train_net", function="run_task", kind=DETECTION,
                            preflight="preflight"),
+    # Not a pipeline stage: the set-up check before a long run (ranks meet, collectives, data, disk).
+    "doctor": StageSpec("doctor", "slurm.doctor", input_paths=("data.root",)),
 }
 
 

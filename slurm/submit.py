@@ -1,8 +1,10 @@
 """`submit <stage> [options] [overrides...]`: run a stage on Slurm or as local processes.
 
     submit pretrain --nodes 1 --gpus 2 [--cluster auto|slurm|local] [--partition P] [--time MIN]
+                    [--env KEY=VALUE ...] [--collective-timeout MIN]
                     [--name NAME] [--dry-run] [--wait] [--new] key=value ...
     submit detection --config-file F --seeds 3 --gpus 2 --wait SOLVER.MAX_ITER 1000 ...
+    submit doctor --nodes 2 --gpus 8 data.root=/datasets/imagenet       # checks the set-up (slurm/doctor.py)
 
 One task per GPU (``--gpus`` is per node); without CUDA every slot is a CPU process using gloo.
 ``auto`` means Slurm when ``sbatch`` is on PATH, else local processes. Every run lives in
@@ -32,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from common.atomic import check_writable
 from common.checkpoint import CheckpointError, find_resume_point, problem_of, resume_candidates
+from common.distributed import DEFAULT_TIMEOUT_MIN, TIMEOUT_ENV
 from common.errors import UserError
 from common.runlog import is_complete, save_config
 
@@ -49,6 +52,7 @@ from .executor import (
     partition_info,
     render_sbatch,
     resolve_cluster,
+    task_env,
     validate,
 )
 from .jobs import DetectionJob, StageJob
@@ -74,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="submit", description="Run a pipeline stage on Slurm or as local processes, one task per GPU.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Stages: pretrain, linear, semi, knn, embed (Hydra key=value overrides), detection (detectron2 KEY "
-               "VALUE overrides, --config-file, --seeds). Put overrides that start with '-' after '--'.")
-    p.add_argument("stage", help="pretrain | linear | semi | knn | embed | detection (or `submit protocol ...`)")
+               "VALUE overrides, --config-file, --seeds), doctor (the set-up check before a long run: data.root=..., "
+               "disk.min_free_gb=...). Put overrides that start with '-' after '--'.")
+    p.add_argument("stage",
+                   help="pretrain | linear | semi | knn | embed | detection | doctor (or `submit protocol ...`)")
     p.add_argument("overrides", nargs="*", help="Hydra key=value (detection: KEY VALUE pairs)")
     add_resource_arguments(p)
     j = p.add_argument_group("run")
@@ -106,6 +112,12 @@ def add_resource_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--account", help="Slurm account")
     r.add_argument("--qos", help="Slurm quality of service")
     r.add_argument("--constraint", help="Slurm node constraint, e.g. volta32gb")
+    r.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="exported in every task before the process group starts, e.g. --env NCCL_SOCKET_IFNAME=ib0 "
+                        "--env NCCL_DEBUG=INFO (repeat for each variable)")
+    r.add_argument("--collective-timeout", type=float, metavar="MIN",
+                   help="minutes a collective (and the rendezvous) waits for a missing rank before the job fails "
+                        f"(default {DEFAULT_TIMEOUT_MIN:g}); sets INTL_COLLECTIVE_TIMEOUT_MIN in every task")
 
 
 # `submit <command> ...` that are not stages: their modules are loaded by name, like the stages' (so that
@@ -299,12 +311,16 @@ def _submit(args, argv: list[str]) -> int:
     res = Resources(cluster=resolve_cluster(args.cluster), nodes=args.nodes, gpus=args.gpus, time_min=args.time,
                     job_name=f"intl-{spec.name}-{run_dir.name}", partition=args.partition,
                     cpus_per_gpu=args.cpus_per_gpu, mem_per_gpu=args.mem_per_gpu, account=args.account,
-                    qos=args.qos, constraint=args.constraint)
+                    qos=args.qos, constraint=args.constraint, env=task_env(args.env, args.collective_timeout))
     validate(res)
     checked = _check_cluster(res, dry_run=args.dry_run)
 
     print(f"submit: stage {spec.name}, {res.cluster} cluster, {res.nodes} node(s) x {res.gpus} GPU slot(s) = "
           f"world size {res.world_size}")
+    timeout = dict(res.env).get(TIMEOUT_ENV)
+    print(f"submit: collective timeout {timeout or f'{DEFAULT_TIMEOUT_MIN:g}'} min"
+          + ("" if timeout else " (the default; --collective-timeout MIN)")
+          + (f"; every task exports {' '.join(f'{k}={shlex.quote(v)}' for k, v in res.env)}" if res.env else ""))
     print(f"submit: {plan.state.describe()}")
     if plan.fallback:
         print(f"submit: checkpoint fallback: {plan.fallback}")
@@ -357,6 +373,7 @@ def _queue(plan: Plan, res: Resources, run_dir: Path, argv: list[str]):
     command = "submit " + shlex.join(argv)
     for job in plan.jobs:
         job.command_line = command  # the tasks' provenance.json records this, not the submitit worker's argv
+        job.env = dict(res.env)
     if res.cluster != SLURM:  # every task of every job runs at once on this machine: share its cores
         for job in plan.jobs:
             job.cpu_threads = max(1, (os.cpu_count() or 1) // (max(1, res.gpus) * len(plan.jobs)))
@@ -367,7 +384,7 @@ def _queue(plan: Plan, res: Resources, run_dir: Path, argv: list[str]):
             jobs = [executor.submit(j) for j in plan.jobs]
     record_submission(run_dir, {"stage": spec.name, "cluster": res.cluster, "host": socket.gethostname(),
                                 "job_ids": [j.job_id for j in jobs], "nodes": res.nodes, "gpus": res.gpus,
-                                "command": command,
+                                "env": dict(res.env), "command": command,
                                 "cwd": os.getcwd()})
     return folder, jobs
 

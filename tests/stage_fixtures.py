@@ -44,7 +44,8 @@ data:
 
 ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES",
             "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_ON_NODE",
-            "SLURM_RESTART_COUNT", "SUBMITIT_EXECUTOR")
+            "SLURM_RESTART_COUNT", "SUBMITIT_EXECUTOR", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME",
+            "INTL_COLLECTIVE_TIMEOUT_MIN")
 
 
 def tiny_pretrain_overrides(data_root: Path, steps: int, ckpt_every: int) -> list[str]:
@@ -121,7 +122,10 @@ def run(cfg) -> dict | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         record_attempt(run_dir, info.world_size)
-    write_json(run_dir / f"env_rank{info.rank}.json", {k: os.environ.get(k) for k in ENV_KEYS})
+    seen = {k: os.environ.get(k) for k in ENV_KEYS}
+    if info.world_size > 1:  # the timeout the process group was made with
+        seen["pg_timeout_s"] = torch.distributed.distributed_c10d._get_default_group().options._timeout.total_seconds()
+    write_json(run_dir / f"env_rank{info.rank}.json", seen)
     ckpt = run_dir / "last.pth"
     start = int(torch.load(ckpt)["step"]) if ckpt.exists() else 0
     if start:
@@ -144,6 +148,11 @@ def run(cfg) -> dict | None:
     results = write_results(run_dir, {"steps": int(cfg.steps), "world_size": info.world_size, "resumed_from": start})
     mark_complete(run_dir, results)
     return results
+
+
+def environment_seen(cfg) -> dict:
+    """A stand-in entry point: what the task's environment holds when the stage starts."""
+    return dict(os.environ)
 
 
 # ------------------------------------------------------------------ a detection-like stage (seeds flow)

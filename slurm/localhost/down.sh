@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Tear down the localhost Slurm cluster started by up.sh DIR: cancel its jobs, then stop slurmd,
+# Tear down the localhost Slurm cluster started by up.sh DIR: cancel its jobs, then stop slurmd(s),
 # slurmctld, slurmdbd, mariadbd and munged by the pids in DIR/run (SIGTERM, SIGKILL after 10 s).
+# A multi-node cluster (up.sh --nodes N): then every process left in the nodes' network namespaces is
+# killed and the namespaces, veths, bridge and /etc/hosts lines that up.sh made (DIR/nodes.env) go.
 #
 #   slurm/localhost/down.sh [--purge] DIR      # --purge also deletes DIR
 set -uo pipefail
@@ -36,8 +38,29 @@ stop() {  # pidfile... : SIGTERM together, wait up to 10 s, then SIGKILL what is
   rm -f "$@"
 }
 # The Slurm daemons together, then the database they write to, then munge they authenticate with.
-stop "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid" "$DIR/run/slurmdbd.pid"
+stop "$DIR"/run/slurmd*.pid "$DIR/run/slurmctld.pid" "$DIR/run/slurmdbd.pid"
 stop "$DIR/run/mysqld.pid"
 stop "$DIR/run/munged.pid"
+if [[ -f $DIR/nodes.env ]]; then
+  # shellcheck disable=SC1091
+  source "$DIR/nodes.env"
+  for node in $NODES; do
+    if ip netns pids "$node" >/dev/null 2>&1; then
+      pids=$(ip netns pids "$node" | tr '\n' ' ')
+      if [[ -n ${pids// } ]]; then kill -KILL $pids 2>/dev/null; fi
+      for _ in $(seq 50); do [[ -z $(ip netns pids "$node" 2>/dev/null) ]] && break; sleep 0.1; done
+      ip netns del "$node"   # takes its end of the veth pair, and so the pair, with it
+    fi
+  done
+  ip link show "$BRIDGE" >/dev/null 2>&1 && ip link del "$BRIDGE"
+  (
+    flock 9
+    if grep -qF "$HOSTS_TAG" /etc/hosts; then
+      grep -vF "$HOSTS_TAG" /etc/hosts >"$DIR/hosts.tmp" || true
+      cat "$DIR/hosts.tmp" >/etc/hosts && rm -f "$DIR/hosts.tmp"
+    fi
+  ) 9</etc/hosts
+  rm -f "$DIR/nodes.env"
+fi
 if [[ $purge -eq 1 ]]; then rm -rf "$DIR"; fi
 echo "[slurm-down] stopped the localhost cluster in $DIR"

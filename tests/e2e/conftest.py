@@ -21,14 +21,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+SLURM_NODES = 2  # the tests' cluster: two nodes (slurm/localhost/up.sh --nodes 2); 1-node jobs run on either
+
+
 @pytest.fixture(scope="session")
 def localhost_slurm():
-    """One localhost Slurm for the whole session (every test file that needs it shares this bring-up)."""
+    """One localhost Slurm for the whole session (every test file that needs it shares this bring-up): two nodes,
+    each slurmd in its own network namespace with its own address and host name, 2 fake GPUs per node
+    (``DIR/nodes.env`` names them). Yields the cluster folder; SLURM_CONF points at it meanwhile."""
     if os.geteuid() != 0:
         pytest.skip("the localhost Slurm cluster runs its daemons as root; run the suite as root (CI does)")
     folder = Path(tempfile.mkdtemp(prefix="intl-slurm-", dir="/tmp"))
     t0 = time.time()
-    proc = subprocess.run(["bash", str(UP), "--install", str(folder)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", str(UP), "--install", "--nodes", str(SLURM_NODES), str(folder)],
+                          capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         logs = "".join(f"\n--- {p}\n" + p.read_text()[-2000:] for p in sorted((folder / "log").glob("*.log")))
         subprocess.run(["bash", str(DOWN), "--purge", str(folder)], capture_output=True, timeout=120)

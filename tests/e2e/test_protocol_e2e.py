@@ -39,8 +39,9 @@ def _finite_table(summary: dict) -> list[str]:
 
 
 @pytest.mark.slurm
-def test_protocol_on_slurm_holds_its_chain_through_a_requeued_pretraining(localhost_slurm, tiny_synthetic, tmp_path,
-                                                                         monkeypatch, capsys):
+def test_protocol_on_slurm_holds_its_chain_through_a_requeued_pretraining(localhost_slurm, tiny_synthetic,
+                                                                         tmp_path_factory, monkeypatch, capsys):
+    tmp_path = tmp_path_factory.mktemp("protocol_on_slurm")  # kept for the session: the local test reuses it
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("INTL_SUBMIT_POLL_S", "1")
     argv = ["protocol", "--cluster", "slurm", "--gpus", "2", "--eval-gpus", "1", "--time", "20", "--name", "tiny",

@@ -34,6 +34,32 @@ def test_submit_command_line_reaches_the_runs_provenance(counter_env):
     assert results["provenance"]["world_size"] == 1 and results["provenance"]["attempts"] == 1
 
 
+def test_doctor_with_local_processes_passes_and_saves_its_table(counter_env, tiny_synthetic, capsys):
+    """`submit doctor --cluster local`, with --env and --collective-timeout: every task has them (the table's env
+    column and header; that they are exported before the process group starts: tests/slurm/test_submit.py, and
+    the timeout taking effect: tests/e2e/test_lost_ranks.py)."""
+    import socket
+
+    assert main(["doctor", "--cluster", "local", "--gpus", "2", "--wait", "--name", "ok", "--env", "NCCL_DEBUG=WARN",
+                 "--env", "GLOO_SOCKET_IFNAME=lo", "--collective-timeout", "0.5",
+                 f"data.root={tiny_synthetic / 'classification'}", "disk.min_free_gb=0"]) == 0
+    run = counter_env / "outputs" / "doctor" / "ok"
+    report = (run / "doctor.md").read_text()
+    assert report.startswith("doctor: 2 rank(s) on 1 host(s), backend gloo, collective timeout 0.5 min")
+    rows = [ln for ln in report.splitlines() if ln.startswith(("| 0 |", "| 1 |"))]
+    host = socket.gethostname()
+    assert len(rows) == 2 and all(f"| {host} | {r}/2 | cpu |" in rows[r] for r in (0, 1)), report
+    assert all("| ok (" in row and "| ok | 8 files, " in row and "| shared |" in row for row in rows), report
+    assert all(row.endswith("| GLOO_SOCKET_IFNAME=lo NCCL_DEBUG=WARN |") for row in rows), report
+    assert report.rstrip().endswith("every check passed")
+    record = json.loads((run / "submissions.jsonl").read_text())
+    assert record["env"] == {"NCCL_DEBUG": "WARN", "GLOO_SOCKET_IFNAME": "lo", "INTL_COLLECTIVE_TIMEOUT_MIN": "0.5"}
+    results = json.loads((run / "results.json").read_text())
+    assert results["ok"] and results["world_size"] == 2 and results["problems"] == []
+    assert (run / "COMPLETE").exists() and not (run / ".doctor_token").exists()
+    assert "every check passed" in capsys.readouterr().out  # streamed from rank 0's log
+
+
 def test_pretrain_two_local_processes_leave_a_checkpoint(tiny_synthetic, tmp_path, monkeypatch, capsys):
     from common.checkpoint import load_checkpoint
 

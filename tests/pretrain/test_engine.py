@@ -201,6 +201,10 @@ def test_unknown_key_or_bad_value_fails_at_start_with_the_fix(tmp_path):
         validate_config(bad({"train": {"spectrum_topk": 0}}), check_paths=False)
     with pytest.raises(ConfigError, match="model.arch='resnet5'"):
         validate_config(bad({"model": {"arch": "resnet5"}}), check_paths=False)
+    with pytest.raises(ConfigError, match="train.dtype='float16'; choose one of"):
+        validate_config(bad({"train": {"dtype": "float16"}}), check_paths=False)
+    with pytest.raises(ConfigError, match="train.dtype=float64 runs without autocast, but train.amp=bf16; fix: train"):
+        validate_config(bad({"train": {"dtype": "float64", "amp": "bf16"}}), check_paths=False)
     # The method's own keys and values too, before anything is queued.
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['iter'\] for method=intl"):
         validate_config(bad({"method": {"iter": 4}}), check_paths=False)
@@ -335,6 +339,28 @@ def test_channels_last_trains_the_same_steps_in_nhwc(tiny_synthetic, tmp_path, m
     assert ckpt["model"]["backbone.conv1.weight"].dim() == 4
     # the same maths in another memory layout: equal up to float32 summation order
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def test_float64_trains_in_double_precision_with_the_monitor_on(tiny_synthetic, tmp_path, monkeypatch):
+    """train.dtype=float64 (the exactness checks of the multi-process tests): weights, views and projections in
+    float64, the monitor's evaluation images too; a checkpoint in float64 that resumes."""
+    from pretrain import engine as E
+    from pretrain.train import run
+
+    seen = []
+    step = E.train_step
+
+    def spy(model, objective, optimizer, views, *a, **kw):
+        out = step(model, objective, optimizer, views, *a, **kw)
+        seen.append((next(model.parameters()).dtype, out.online[0].dtype))
+        return out
+
+    monkeypatch.setattr(E, "train_step", spy)
+    summary = run(compose_pretrain(tiny_overrides(tiny_synthetic, tmp_path / "f64", "train.max_steps=2",
+                                                  "train.dtype=float64")))
+    assert seen == [(torch.float64, torch.float64)] * 2
+    assert summary["steps"] == 2 and "probe_val_top1" in summary and "knn_top1" in summary
+    assert load_checkpoint(tmp_path / "f64" / LAST_NAME)["model"]["backbone.conv1.weight"].dtype == torch.float64
 
 
 @pytest.mark.parametrize("steps", [(8, 8), (8, 7), (0, 8)])

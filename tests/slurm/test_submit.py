@@ -57,7 +57,7 @@ def test_extra_stage_env_is_validated(monkeypatch):
 
 
 def test_product_stages_are_registered():
-    assert set(stages.STAGES) == {"pretrain", "linear", "semi", "knn", "embed", "detection"}
+    assert set(stages.STAGES) == {"pretrain", "linear", "semi", "knn", "embed", "detection", "doctor"}
     assert stages.get_stage("pretrain").module == "pretrain.train"
 
 
@@ -186,6 +186,46 @@ def test_dry_run_prints_sbatch_and_writes_nothing(counter_env, capsys):
         assert line in out, line
     assert "nothing was submitted" in out
     assert not (counter_env / "outputs").exists()
+
+
+def test_env_and_collective_timeout_are_shown_in_the_dry_run(counter_env, capsys):
+    assert main(["counter", "--cluster", "slurm", "--nodes", "2", "--gpus", "2", "--dry-run",
+                 "--env", "NCCL_SOCKET_IFNAME=ib0", "--env", "NCCL_DEBUG=INFO", "--collective-timeout", "5"]) == 0
+    out = capsys.readouterr().out
+    assert ("submit: collective timeout 5 min; every task exports NCCL_SOCKET_IFNAME=ib0 NCCL_DEBUG=INFO "
+            "INTL_COLLECTIVE_TIMEOUT_MIN=5") in out
+    assert "#SBATCH --nodes=2" in out and "nothing was submitted" in out
+    assert main(["counter", "--cluster", "local", "--dry-run"]) == 0
+    assert "collective timeout 30 min (the default; --collective-timeout MIN)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--env", "NCCL_SOCKET_IFNAME"], "is not KEY=VALUE"),
+    (["--env", "1BAD=x"], "is not KEY=VALUE"),
+    (["--env", "MASTER_ADDR=10.0.0.1"], "MASTER_ADDR is set by the launcher"),
+    (["--env", "SLURM_NTASKS=3"], "SLURM_NTASKS is set by the launcher"),
+    (["--env", "INTL_COLLECTIVE_TIMEOUT_MIN=3"], "use --collective-timeout 3"),
+    (["--env", "A=1", "--env", "A=2"], "--env A is given twice"),
+    (["--collective-timeout", "0"], "--collective-timeout must be a positive number of minutes"),
+])
+def test_bad_env_or_timeout_is_refused(counter_env, capsys, argv, message):
+    assert main(["counter", "--cluster", "local", "--dry-run", *argv]) == 2
+    assert message in _err(capsys)
+
+
+def test_a_task_exports_the_jobs_env_first_and_a_requeue_keeps_it(monkeypatch):
+    """StageJob.__call__ exports job.env before the stage runs (so before init_distributed); checkpoint() copies it."""
+    from slurm.jobs import StageJob
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    for key in ("SUBMITIT_EXECUTOR", "SLURM_PROCID", "SLURM_JOB_ID", "NCCL_SOCKET_IFNAME"):
+        monkeypatch.delenv(key, raising=False)
+    job = StageJob(stages.StageSpec("seen", "stage_fixtures", function="environment_seen"), {"run_dir": "/x"})
+    job.env = {"NCCL_SOCKET_IFNAME": "ib0", "INTL_COLLECTIVE_TIMEOUT_MIN": "2"}
+    seen = job()
+    assert seen["NCCL_SOCKET_IFNAME"] == "ib0" and seen["INTL_COLLECTIVE_TIMEOUT_MIN"] == "2"
+    again = job.checkpoint().function
+    assert again.env == job.env and again is not job
 
 
 def test_dry_run_local(counter_env, capsys):
