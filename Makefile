@@ -5,6 +5,9 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.intl-stamp
 DATA  := data/synthetic
 PYTEST_ARGS ?=
+# Every process of the demo, the tests and the benchmarks starts with the settings of CPU runs (glibc malloc,
+# OpenMP waiting; defined once, in common/cpu_env.py; stages on the CPU also apply the malloc ones at run time).
+CPU_ENV = env $$($(PY) -m common.cpu_env --env)
 
 .PHONY: venv data demo lint test test-fast bench clean-outputs
 
@@ -18,7 +21,7 @@ data: venv
 	$(PY) -m common.synthetic --out $(DATA)
 
 demo: venv data
-	$(PY) tools/demo.py $(DEMO_ARGS)
+	$(CPU_ENV) $(PY) tools/demo.py $(DEMO_ARGS)
 
 # ruff ([tool.ruff] in pyproject.toml): pycodestyle, pyflakes, import order, bugbear.
 lint: venv
@@ -26,14 +29,14 @@ lint: venv
 
 # The suite in two passes (tools/run-tests.sh): the tests without Slurm on one worker per core, then the Slurm tests.
 test: venv data lint
-	PY=$(PY) bash tools/run-tests.sh $(PYTEST_ARGS)
+	$(CPU_ENV) PY=$(PY) bash tools/run-tests.sh $(PYTEST_ARGS)
 
 # Unit tests only (skips the slow end-to-end tests).
 test-fast: venv data
-	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(CPU_ENV) $(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
 
 bench: venv data
-	$(PY) -m benchmarks $(BENCH_ARGS)
+	$(CPU_ENV) $(PY) -m benchmarks $(BENCH_ARGS)
 
 clean-outputs:
 	rm -rf outputs

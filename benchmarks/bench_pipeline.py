@@ -10,6 +10,7 @@ the 6-crop multi-crop (Table 5), at the paper's crop sizes; and the whole DataLo
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -20,13 +21,30 @@ from benchmarks.baselines import pil_loader, reference_view_pipeline
 from benchmarks.common import Row, interleaved
 from benchmarks.images import write_imagenet_like
 from common.imagefolder import RobustImageFolder, dataloader_defaults
-from pretrain.augment import build_view_transform
+from pretrain.augment import OP_NAMES, build_view_transform
 
 NAME = "pipeline"
+PROFILE = "pipeline-profile"  # rows of the per-op profile (report.py prints them as their own table)
+COLLATE_BATCH = 16
 
 
 def image_dir() -> Path:
     return Path(tempfile.gettempdir()) / "intl-bench-imagenet-like"
+
+
+def bench_imagefolder(n: int, paths: list[Path] | None = None) -> Path:
+    """An ImageFolder root (one class, symlinks) over ``paths``, by default ``n`` ImageNet-like JPEGs."""
+    paths = paths if paths is not None else write_imagenet_like(image_dir() / "full", n)
+    root = paths[0].parent / f"as_imagefolder_{len(paths)}"
+    (root / "class0").mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        link = root / "class0" / p.name
+        if not link.exists():
+            try:
+                link.symlink_to(p)
+            except FileExistsError:  # another run made it meanwhile
+                pass
+    return root
 
 
 def interleaved_chunks(fns: dict, paths: list, warmup: int, repeats: int, chunk: int = 8, log=None) -> dict:
@@ -86,6 +104,62 @@ def run(quick: bool = False, warmup: int = 1, repeats: int = 5, num_images: int 
                             baseline=None if name == base else base, higher_is_better=True,
                             extra={"images": len(paths), "avg_jpeg_kb": round(avg_kb, 1), "views": len(fast.sizes)}))
     rows += loader_case(paths, cases, warmup, repeats, workers=2, batch=2 if quick else 16, log=log)
+    case, cfg = next(iter(cases.items()))
+    rows += op_profile(paths, case, cfg, repeats, log=log)
+    return rows
+
+
+def _reference_op_name(t) -> str:
+    inner = t.transforms[0] if type(t).__name__ == "RandomApply" else t
+    return type(inner).__name__.lstrip("_")
+
+
+def op_profile(paths, case: str, cfg, repeats: int, log=print) -> list[Row]:
+    """Where the time goes, per image (ms): ``ViewTransform.profile`` times each operation of ours
+    (``pretrain.augment.OP_NAMES``), the reference's Compose is timed transform by transform, and both are
+    followed by the DataLoader's ``default_collate`` of batches of ``COLLATE_BATCH``. One pass over the images
+    per repeat, the two pipelines alternating image by image; the median over repeats of each op's total."""
+    from torch.utils.data import default_collate
+
+    ref, fast = reference_view_pipeline(cfg), build_view_transform(cfg)
+    ours: dict[str, list[float]] = {}
+    theirs: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        t_ours: dict[str, float] = dict.fromkeys(OP_NAMES, 0.0)
+        t_ref: dict[str, float] = {}
+        out_ours, out_ref = [], []
+        for p in paths:
+            out_ours.append((fast.profile(Image.open(p), t_ours), 0))
+            t0 = time.perf_counter()
+            img = pil_loader(p)
+            t_ref["decode"] = t_ref.get("decode", 0.0) + time.perf_counter() - t0
+            views = []
+            for compose in ref.transforms:
+                x = img
+                for t in compose.transforms:
+                    t0 = time.perf_counter()
+                    x = t(x)
+                    name = _reference_op_name(t)
+                    t_ref[name] = t_ref.get(name, 0.0) + time.perf_counter() - t0
+                views.append(x)
+            out_ref.append((views, 0))
+        for out, timings in ((out_ours, t_ours), (out_ref, t_ref)):
+            t0 = time.perf_counter()
+            for i in range(0, len(out) - COLLATE_BATCH + 1, COLLATE_BATCH):
+                default_collate(out[i:i + COLLATE_BATCH])
+            batches = max(len(out) // COLLATE_BATCH, 1)
+            timings["collate"] = (time.perf_counter() - t0) * len(out) / (batches * COLLATE_BATCH)
+        for acc, timings in ((ours, t_ours), (theirs, t_ref)):
+            for k, v in timings.items():
+                acc.setdefault(k, []).append(1000 * v / len(paths))
+    rows = []
+    for variant, acc in (("pretrain.augment", ours), ("reference", theirs)):
+        total = sum(statistics.median(v) for v in acc.values())
+        for op, ms in acc.items():
+            rows.append(Row(PROFILE, case, f"{variant}: {op}", "ms/img", ms,
+                            extra={"share_pct": round(100 * statistics.median(ms) / total, 1)}))
+        log(f"[pipeline] profile of {variant} ({case}): " + ", ".join(
+            f"{op} {statistics.median(ms):.2f} ms" for op, ms in acc.items()) + f"; total {total:.2f} ms/img")
     return rows
 
 
@@ -98,15 +172,7 @@ def loader_case(paths, cases, warmup, repeats, workers, batch, log=print) -> lis
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    root = paths[0].parent / "as_imagefolder"
-    (root / "class0").mkdir(parents=True, exist_ok=True)
-    for p in paths:
-        link = root / "class0" / p.name
-        if not link.exists():
-            try:
-                link.symlink_to(p)
-            except FileExistsError:  # another run made it meanwhile
-                pass
+    root = bench_imagefolder(len(paths), paths)
     case, cfg = next(iter(cases.items()))
     ref_loader = DataLoader(ImageFolder(str(root), transform=reference_view_pipeline(cfg)), batch_size=batch,
                             shuffle=False, drop_last=True, num_workers=workers, pin_memory=torch.cuda.is_available())

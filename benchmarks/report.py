@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks import bench_whitening
 from benchmarks.common import Row
 from common.atomic import atomic_write_text, save_figure, write_json
 
@@ -20,8 +21,9 @@ def _fmt(x: float) -> str:
 
 def markdown_table(rows: list[Row]) -> str:
     """Timing / throughput rows as one table; robustness rows (counts) as a second one."""
-    timed = [r for r in rows if not r.benchmark.endswith("robustness")]
+    timed = [r for r in rows if not r.benchmark.endswith(("robustness", "profile"))]
     counted = [r for r in rows if r.benchmark.endswith("robustness")]
+    profiled = [r for r in rows if r.benchmark.endswith("profile")]
     lines = []
     if timed:
         lines += ["| benchmark | case | variant | unit | median | min | max | ratio to baseline |",
@@ -29,6 +31,12 @@ def markdown_table(rows: list[Row]) -> str:
         for r in timed:
             ratio = "baseline" if r.baseline is None else f"**{r.ratio:.2f}x**"
             extra = f" (peak RSS {r.extra['peak_rss_mb']:.0f} MiB)" if "peak_rss_mb" in r.extra else ""
+            if "page_faults_per_step" in r.extra:
+                extra += (f"; per step {r.extra['page_faults_per_step']:,.0f} page faults, CPU time "
+                          f"{r.extra['user_s_per_step'] + r.extra['sys_s_per_step']:.2f} s of which kernel "
+                          f"{r.extra['sys_s_per_step']:.2f} s; steps within +-{r.extra['step_spread_pct'] / 2:.0f}%")
+            if "compile_seconds" in r.extra:
+                extra += f" (compiled in {r.extra['compile_seconds']:.0f} s, {r.extra['backend']})"
             if "overhead_pct_objective" in r.extra:
                 extra += (f"; INTL overhead {r.extra['overhead_pct_objective']:+.2f}% of the step from the "
                           f"objectives alone, {r.extra['overhead_pct_steps']:+.2f}% from the full steps")
@@ -37,16 +45,36 @@ def markdown_table(rows: list[Row]) -> str:
         lines.append("")
         lines.append("ratio = speed-up over the baseline of the same case (baseline time / time, or "
                      "throughput / baseline throughput); > 1 is faster.")
+        lines += [f"- {r.benchmark}: {note}" for r in timed for note in r.extra.get("notes", [])]
     if counted:
-        lines += ["", "| whitening robustness case | method | failed / trials | eigh error | non-finite output | "
-                      "non-finite grad | median max abs grad (ok trials) |",
+        lines += ["", "| whitening robustness case | method | failed / trials | LinAlgError | non-finite output | "
+                      "non-finite grad | median (max) of max abs grad (ok trials) |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for r in counted:
             e = r.extra
-            g = e.get("median_max_abs_grad")
-            lines.append(f"| {r.case} | {r.variant} | {int(r.values[0])} / {e['trials']} | {e['eigh_error']} | "
-                         f"{e['nonfinite_output']} | {e['nonfinite_grad']} | {'-' if g is None else f'{g:.3g}'} |")
+            g, gmax = e.get("median_max_abs_grad"), e.get("max_max_abs_grad")
+            grad = "-" if g is None else f"{g:.3g}" + (f" ({gmax:.3g})" if gmax is not None else "")
+            lines.append(f"| {r.case} | {r.variant} | {int(r.values[0])} / {e['trials']} | {e['linalg_error']} | "
+                         f"{e['nonfinite_output']} | {e['nonfinite_grad']} | {grad} |")
+    if profiled:
+        lines += ["", profile_table(profiled)]
     return "\n".join(lines) + "\n"
+
+
+def profile_table(rows: list[Row]) -> str:
+    """Per-operation profiles (``<variant>: <op>`` rows): a table per variant, ms per image and share."""
+    variants = list(dict.fromkeys(r.variant.split(": ", 1)[0] for r in rows))
+    lines = []
+    for v in variants:
+        mine = [r for r in rows if r.variant.startswith(v + ": ")]
+        lines += [f"| {r0.case} profile, {v}: operation | ms per image (median) | min | max | share |"
+                  for r0 in mine[:1]]
+        lines.append("|---|---:|---:|---:|---:|")
+        for r in mine:
+            lines.append(f"| {r.variant.split(': ', 1)[1]} | {_fmt(r.median)} | {_fmt(min(r.values))} | "
+                         f"{_fmt(max(r.values))} | {r.extra['share_pct']:.0f}% |")
+        lines += [f"| **total** | **{_fmt(sum(r.median for r in mine))}** | | | |", ""]
+    return "\n".join(lines)
 
 
 def machine_block(machine: dict) -> str:
@@ -62,7 +90,7 @@ def plot_ratios(rows: list[Row], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     data = [(f"{r.benchmark}: {r.case}\n{r.variant}", r.ratio) for r in rows
-            if r.baseline is not None and r.ratio is not None and not r.benchmark.endswith("robustness")]
+            if r.baseline is not None and r.ratio is not None and not r.benchmark.endswith(("robustness", "profile"))]
     if not data:
         return None
     fig, ax = plt.subplots(figsize=(9, 0.7 * len(data) + 1.2))
@@ -79,14 +107,22 @@ def plot_ratios(rows: list[Row], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def whitening_figure_name(stem: str) -> str:
+    """``<stem>-whitening.png``, or ``<stem>-summary.png`` when the stem already names the benchmark
+    (``--name <date>-whitening``), so that the word is not doubled."""
+    return f"{stem}-summary.png" if stem.endswith("whitening") else f"{stem}-whitening.png"
+
+
 def write_all(result: dict, rows: list[Row], out: Path, stem: str) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [write_json(out / f"{stem}.json", result)]
     md = (f"# Benchmarks {result['created_utc']}\n\n`{result['command']}`, settings {result['settings']}\n\n"
-          + markdown_table(rows) + "\n## Machine\n" + machine_block(result["machine"]) + "\n")
+          + markdown_table(rows) + "\n" + bench_whitening.summary_markdown(rows)
+          + "\n## Machine\n" + machine_block(result["machine"]) + "\n")
     paths.append(atomic_write_text(out / f"{stem}.md", md))
-    png = plot_ratios(rows, out / f"{stem}.png")
-    if png is not None:
-        paths.append(png)
+    whitening_png = bench_whitening.plot_summary(rows, out / whitening_figure_name(stem))
+    for png in (plot_ratios(rows, out / f"{stem}.png"), whitening_png):
+        if png is not None:
+            paths.append(png)
     return paths

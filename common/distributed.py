@@ -18,11 +18,13 @@ import gc
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from common import heartbeat
+from common.cpu_env import tune_cpu_allocator
 from common.errors import ConfigError
 
 TIMEOUT_ENV = "INTL_COLLECTIVE_TIMEOUT_MIN"
@@ -59,7 +61,8 @@ def collective_timeout_min() -> float:
 
 def init_distributed(timeout_minutes: float | None = None) -> DistInfo:
     """Initialises the default process group from the environment (idempotent), with the collective timeout
-    ``timeout_minutes`` (None: ``collective_timeout_min()``), and starts this process's heartbeat."""
+    ``timeout_minutes`` (None: ``collective_timeout_min()``), and starts this process's heartbeat. A process that
+    computes on the CPU also gets the malloc settings of ``common.cpu_env`` here (the one start every stage shares)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -67,6 +70,7 @@ def init_distributed(timeout_minutes: float | None = None) -> DistInfo:
     device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1)) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    tune_cpu_allocator(device)
     backend = None
     if world_size > 1:
         backend = "nccl" if use_cuda else "gloo"
@@ -132,6 +136,19 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_dist():
         dist.all_reduce(y)
     return y
+
+
+def all_reduce_sum_start(x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Starts summing ``x`` over ranks in place without waiting (``async_op``); the returned function waits and
+    returns ``x`` (the sum). Nothing to wait for in one process. The read of the result is the caller's."""
+    if not is_dist():
+        return lambda: x
+    work = dist.all_reduce(x, async_op=True)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        return x
+    return wait
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

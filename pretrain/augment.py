@@ -8,19 +8,25 @@ random resized crop (bicubic) -> colour jitter (prob ``jitter_prob``, random ord
 contrast / saturation / hue) -> grayscale (``grayscale_prob``) -> Gaussian blur (sigma ~ U(blur_sigma),
 per-view ``blur_prob``) -> solarize (threshold 128, per-view ``solarize_prob``) -> horizontal flip.
 
-How it is fast without changing what is sampled (measured by ``python -m benchmarks --only pipeline``):
-- the random parameters come from torchvision's own samplers (``RandomResizedCrop.get_params``,
-  ``ColorJitter.get_params``, ``torch.rand`` draws compared like torchvision's RandomApply/Random*),
-  drawn for all views *before* decoding, so the image is decoded once and, when every crop will be
-  downscaled by >= 2x, at reduced scale (PIL JPEG draft mode: DCT-domain downscaling);
+How it is fast without changing what is sampled (measured by ``python -m benchmarks --only pipeline``, with a
+per-operation profile, ``ViewTransform.profile``):
+- the random parameters have torchvision's distributions (``RandomResizedCrop.get_params``: same tries and
+  fallback, ``random_resized_crop_box``; ``ColorJitter.get_params``: a uniform order and uniform factors;
+  coins ``u < p`` like RandomApply / Random*), computed from one ``torch.rand`` draw per image (torchvision's
+  samplers make ~25 one-element tensors per view: 0.45 ms, 11% of the 2-view pipeline); they are drawn for
+  all views *before* decoding, so the image is decoded once;
+- decode: a JPEG at full scale by ``torchvision.io.decode_jpeg`` (the same libjpeg-turbo pixels as PIL, straight
+  into an array: no PIL-to-numpy copy), and at reduced scale (PIL draft mode: DCT-domain downscaling) only
+  when every crop is still downscaled ``DRAFT_MARGIN`` (4) times after it, so the views keep their sharpness;
 - crop + resize: torchvision v2 ``resize`` (antialiased bicubic) of the crop as a channels-last uint8
   tensor, which reproduces PIL's resampling (mean difference < 0.01 grey levels) at 2-4x its speed;
 - colour ops on uint8 arrays with OpenCV (look-up tables for brightness / contrast / solarize,
   ``cvtColor`` for grayscale and the HSV hue rotation, ``addWeighted``, ``GaussianBlur``) instead of
   PIL's HSV round trip, the costliest step of the reference (3 ms per 224-px view);
-- uint8 -> normalised float32 plane by plane (contiguous) in one pass.
+- uint8 -> normalised float32 plane by plane through a per-channel float table (one pass, contiguous).
 ``tests/pretrain/test_augment.py`` checks each op against torchvision's PIL op with the same parameters, the
-output statistics against the reference pipeline, and the sampled parameters against the spec.
+output statistics against the reference pipeline, the sampled parameters against the spec and the crop boxes
+against torchvision's sampler, the decode against PIL's pixels and the draft decode's sharpness.
 Run it in DataLoader workers (one thread each, as torch sets them): in a process with several torch
 threads, small resizes pay thread wake-ups, which is slow on a loaded machine.
 
@@ -32,14 +38,17 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from functools import partial
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF2
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from common.errors import ConfigError
 
@@ -85,7 +94,7 @@ class AugConfig:
     interpolation: str = "bicubic"
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
-    fast_decode: bool = True  # JPEG draft-mode decode at reduced scale when every crop allows it
+    fast_decode: bool = True  # JPEG decode by torchvision, at reduced scale (draft) when every crop allows it
 
 
 AUG_KEYS = tuple(f.name for f in fields(AugConfig))
@@ -243,10 +252,126 @@ def _range(strength: float, centre: float = 1.0) -> list[float] | None:
     return [max(0.0, centre - strength), centre + strength] if centre else [-strength, strength]
 
 
+# Uniform draws per view, taken from one ``torch.rand`` per image: 10 tries x 4 for the crop (area, log aspect
+# ratio, top, left), the 5 coins (jitter, grayscale, blur, solarize, flip), 4 keys for the jitter order, the 4
+# jitter factors and the blur sigma.
+CROP_TRIES = 10
+DRAWS_PER_VIEW = 4 * CROP_TRIES + 5 + 4 + 4 + 1
+
+
+def random_resized_crop_box(u: Sequence[float], height: int, width: int, scale: Sequence[float],
+                            ratio: Sequence[float]) -> tuple[int, int, int, int]:
+    """(top, left, h, w) drawn as torchvision's ``RandomResizedCrop.get_params`` draws it (area ~ U(scale) x
+    image area, log aspect ratio ~ U(log ratio), up to 10 tries, then its centre-crop fallback), from the
+    ``4 x CROP_TRIES`` uniforms in [0, 1) of ``u`` instead of ~25 one-element tensors (0.15 ms per view)."""
+    area = height * width
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    for k in range(0, 4 * CROP_TRIES, 4):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[k])
+        aspect = math.exp(lo + (hi - lo) * u[k + 1])
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:  # top, left uniform over the integer positions (torch.randint's)
+            return int(u[k + 2] * (height - h + 1)), int(u[k + 3] * (width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+# ------------------------------------------------------------------------------- operations (H x W x 3 uint8)
+def _blend(x: np.ndarray, base: float, factor: float) -> np.ndarray:
+    """PIL ``Image.blend(const, img, factor)`` = ``base + factor * (x - base)``, clipped and truncated like PIL.
+
+    One SIMD pass (``addWeighted`` computes in float and rounds; the -0.4999 offset turns its rounding into PIL's
+    truncation): the same values as PIL's table on all but ~1e-4 of the pixels (by one level, at float ties),
+    at less than half the time of building a 256-entry table and applying it with ``cv2.LUT``.
+    """
+    return cv2.addWeighted(x, factor, x, 0.0, base * (1.0 - factor) - 0.4999)
+
+
+def _gray(x: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
+
+
+def _brightness(x: np.ndarray, factor: float) -> np.ndarray:
+    return _blend(x, 0.0, factor)
+
+
+def _contrast(x: np.ndarray, factor: float) -> np.ndarray:
+    mean = int(cv2.mean(_gray(x))[0] + 0.5)  # PIL ImageEnhance.Contrast: blend with the mean grey level
+    return _blend(x, float(mean), factor)
+
+
+def _saturation(x: np.ndarray, factor: float) -> np.ndarray:
+    gray = cv2.cvtColor(_gray(x), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(x, factor, gray, 1.0 - factor, -0.5)  # gamma -0.5: OpenCV rounds, PIL's blend truncates
+
+
+def _shift_hue(x: np.ndarray, factor: float) -> np.ndarray:
+    """torchvision's PIL ``adjust_hue``: rotate H by ``uint8(factor * 255)`` of 255ths of a turn.
+
+    OpenCV's 8-bit HSV_FULL stores H in 256ths of a turn, hence the rescaled shift.
+    """
+    k = int(factor * 255)  # the reference adds np.uint8(factor * 255), i.e. this value mod 256
+    shift = int(round(k * 256 / 255)) % 256
+    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)
+    hsv[..., 0] += np.uint8(shift)  # uint8 arithmetic wraps around the hue circle
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+
+
+def _grayscale(x: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(_gray(x), cv2.COLOR_GRAY2RGB)
+
+
+def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    return cv2.GaussianBlur(x, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REPLICATE)
+
+
+def _lut(x: np.ndarray, table: np.ndarray) -> np.ndarray:
+    return cv2.LUT(x, table)
+
+
+def _hflip(x: np.ndarray) -> np.ndarray:
+    return cv2.flip(x, 1)
+
+
+JITTER_OPS = (("brightness", _brightness), ("contrast", _contrast), ("saturation", _saturation), ("hue", _shift_hue))
+# The names of the per-op profile (``ViewTransform.profile``), in pipeline order.
+OP_NAMES = ("sample", "decode", "crop+resize", *(name for name, _ in JITTER_OPS), "grayscale", "blur", "solarize",
+            "flip", "to-tensor+normalise")
+
+
+class _Clock:
+    """Adds the seconds since the previous ``lap`` to ``timings[name]`` (the per-op profile); ``timings=None``:
+    does nothing (the normal run)."""
+
+    def __init__(self, timings: dict | None):
+        self.timings = timings
+        self.t = time.perf_counter() if timings is not None else 0.0
+
+    def lap(self, name: str) -> None:
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.t
+            self.t = now
+
+
+# The DCT-domain downscale of a draft decode is a sharper low-pass than the antialiased bicubic resize of the
+# reference: with the resize left to do 1-2x, views were 5% (up to 17%) sharper or blurrier (std of the
+# Laplacian) than from the full decode; with at least 4x left to the bicubic resize, within 1.5%
+# (tests/pretrain/test_augment.py::test_reduced_scale_decode_keeps_the_sharpness_of_the_views).
+DRAFT_MARGIN = 4
+
+
 class ViewTransform:
     """``PIL.Image -> list[Tensor]``: the configured views of one image (see the module docstring)."""
 
-    accepts_lazy_image = True  # RobustImageFolder hands over undecoded images (for draft-mode decode)
+    accepts_lazy_image = True  # RobustImageFolder hands over undecoded images (decoded here: torchvision or draft mode)
 
     def __init__(self, cfg: AugConfig):
         self.cfg = cfg
@@ -257,106 +382,164 @@ class ViewTransform:
         self._jitter_ranges = (_range(cfg.brightness), _range(cfg.contrast), _range(cfg.saturation),
                                _range(cfg.hue, centre=0.0))
         self._jitter_on = any(r is not None for r in self._jitter_ranges)
-        self._mean255 = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1) * 255.0
-        self._inv_std255 = 1.0 / (torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1) * 255.0)
+        # uint8 level -> (level / 255 - mean) / std, one float32 table per channel (to_tensor's one pass)
+        levels = np.arange(256, dtype=np.float64) / 255.0
+        self._normalise_luts = [((levels - m) / s).astype(np.float32) for m, s in zip(cfg.mean, cfg.std)]
         t = int(cfg.solarize_threshold)
         self._solarize_lut = np.array([i if i < t else 255 - i for i in range(256)], dtype=np.uint8)
 
     def __repr__(self) -> str:
         return f"ViewTransform(sizes={self.sizes}, cfg={self.cfg})"
 
-    # -- sampling: torchvision's samplers, same comparisons as torchvision's RandomApply/Random* ----------
+    # -- sampling: torchvision's distributions, same comparisons as its RandomApply/Random* ----------------
     def sample_params(self, width: int, height: int) -> list[ViewParams]:
-        shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # get_params only reads the size
-        cfg = self.cfg
+        """The random parameters of every view, from one ``torch.rand`` draw (``DRAWS_PER_VIEW`` per view).
+
+        The distributions are torchvision's: the crop box as ``RandomResizedCrop.get_params``
+        (``random_resized_crop_box``), the jitter as ``ColorJitter.get_params`` (a uniformly random order of the
+        four ops, factors uniform in their ranges), ``RandomApply`` / ``RandomGrayscale`` / ``RandomHorizontalFlip``
+        as coins ``u < p``, the blur sigma uniform in ``blur_sigma``.
+        """
+        cfg, n = self.cfg, DRAWS_PER_VIEW
+        u = torch.rand(n * self.num_views, dtype=torch.float64).tolist()
         out = []
-        for v in self.views:
-            box = T.RandomResizedCrop.get_params(shape_only, [v.min_scale, v.max_scale], list(cfg.ratio))
-            u = torch.rand(5).tolist()
+        for k, v in enumerate(self.views):
+            d = u[k * n:(k + 1) * n]
+            box = random_resized_crop_box(d, height, width, (v.min_scale, v.max_scale), cfg.ratio)
+            c = 4 * CROP_TRIES  # the coins, then the jitter order keys, the jitter factors, sigma
             jitter = None
-            if self._jitter_on and u[0] < cfg.jitter_prob:
-                fn_idx, b, c, s, h = T.ColorJitter.get_params(*self._jitter_ranges)
-                jitter = (tuple(fn_idx.tolist()), b, c, s, h)
-            sigma = None
-            if u[2] < v.blur_prob:
-                sigma = float(torch.empty(1).uniform_(cfg.blur_sigma[0], cfg.blur_sigma[1]))
-            out.append(ViewParams(box=tuple(int(x) for x in box), jitter=jitter, grayscale=u[1] < cfg.grayscale_prob,
-                                  blur_sigma=sigma, solarize=u[3] < v.solarize_prob, flip=u[4] < cfg.flip_prob))
+            if self._jitter_on and d[c] < cfg.jitter_prob:
+                order = tuple(sorted(range(4), key=d[c + 5:c + 9].__getitem__))  # a uniform permutation
+                factors = tuple(None if r is None else r[0] + (r[1] - r[0]) * x
+                                for r, x in zip(self._jitter_ranges, d[c + 9:c + 13]))
+                jitter = (order, *factors)
+            lo, hi = cfg.blur_sigma
+            sigma = lo + (hi - lo) * d[c + 13] if d[c + 2] < v.blur_prob else None
+            out.append(ViewParams(box=box, jitter=jitter, grayscale=d[c + 1] < cfg.grayscale_prob, blur_sigma=sigma,
+                                  solarize=d[c + 3] < v.solarize_prob, flip=d[c + 4] < cfg.flip_prob))
         return out
 
     # -- decoding -------------------------------------------------------------------------------------
-    def decode(self, img: Image.Image, params: Sequence[ViewParams]) -> Image.Image:
-        """RGB image, decoded at the smallest JPEG scale (1, 1/2, 1/4, 1/8) that still downsamples every crop."""
+    def decode(self, img: Image.Image, params: Sequence[ViewParams]) -> np.ndarray:
+        """H x W x 3 uint8 RGB array (writable) of ``img``.
+
+        A JPEG is decoded at reduced scale (1/2, 1/4, 1/8: PIL draft mode) when every crop is still downscaled by
+        ``DRAFT_MARGIN`` or more after it; at full scale by ``torchvision.io.decode_jpeg`` (libjpeg-turbo as in PIL,
+        the same pixels, without PIL's image-to-array copy) when it can (``_decode_jpeg_full``). Anything else: PIL.
+        """
         if self.cfg.fast_decode and getattr(img, "format", None) == "JPEG" and getattr(img, "tile", None):
             w0, h0 = img.size
-            shrink = min(min(p.box[2], p.box[3]) / size for p, size in zip(params, self.sizes))
-            if shrink >= 2:
+            shrink = min(min(p.box[2], p.box[3]) / size for p, size in zip(params, self.sizes)) / DRAFT_MARGIN
+            if shrink >= 2:  # PIL picks the largest DCT scale that keeps the image at least this size
                 img.draft("RGB", (math.ceil(w0 / shrink), math.ceil(h0 / shrink)))
+            else:
+                hwc = _decode_jpeg_full(img)
+                if hwc is not None:
+                    return hwc
         if img.mode != "RGB":
-            return img.convert("RGB")
-        img.load()
-        return img
+            img = img.convert("RGB")
+        return np.array(img)  # writable (torch refuses to wrap read-only memory)
 
     # -- application ----------------------------------------------------------------------------------
-    def apply(self, img: Image.Image | np.ndarray, p: ViewParams, size: int,
-              scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
-        """One view of a decoded RGB image (PIL or H x W x 3 uint8 array).
-
-        ``scale`` maps original-pixel boxes to this image's pixels (after a reduced-scale decode).
-        """
-        hwc = img if isinstance(img, np.ndarray) else np.array(img)
-        top, left, h, w = _scale_box(p.box, scale, hwc.shape[0], hwc.shape[1])
+    def crop_resize(self, hwc: np.ndarray, box: tuple[int, int, int, int], size: int,
+                    scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+        """The crop ``box`` (original pixels; ``scale`` maps them to this decode's) resized to ``size`` x ``size``."""
+        top, left, h, w = _scale_box(box, scale, hwc.shape[0], hwc.shape[1])
         # Copy the crop out first: a contiguous H x W x 3 block is a channels-last tensor, which torch
         # resizes ~2x faster than a strided view and returns channels-last, i.e. already H x W x 3 for
         # OpenCV (no strided copy afterwards).
         crop = torch.from_numpy(np.ascontiguousarray(hwc[top:top + h, left:left + w])).permute(2, 0, 1)
         out = TF2.resize(crop, [size, size], interpolation=self._interp, antialias=True)
         x = out.permute(1, 2, 0).numpy()
-        if not x.flags.c_contiguous:  # (1 x 1 crops and other degenerate shapes)
-            x = np.ascontiguousarray(x)
+        return x if x.flags.c_contiguous else np.ascontiguousarray(x)  # (1 x 1 crops and other degenerate shapes)
+
+    def colour_ops(self, p: ViewParams) -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+        """The view's operations after crop + resize, in the reference order: (name, function of the
+        H x W x 3 uint8 array)."""
+        ops: list = []
         if p.jitter is not None:
-            order, b, c, s, hue = p.jitter
+            order, *factors = p.jitter
             for fn in order:
-                if fn == 0 and b is not None:
-                    x = cv2.LUT(x, _blend_lut(0.0, b))
-                elif fn == 1 and c is not None:
-                    mean = int(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).mean() + 0.5)  # PIL ImageEnhance.Contrast
-                    x = cv2.LUT(x, _blend_lut(float(mean), c))
-                elif fn == 2 and s is not None:
-                    gray = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-                    # gamma -0.5: OpenCV rounds, PIL's blend truncates
-                    x = cv2.addWeighted(x, s, gray, 1.0 - s, -0.5)
-                elif fn == 3 and hue is not None:
-                    x = _shift_hue(x, hue)
+                if factors[fn] is not None:
+                    name, op = JITTER_OPS[fn]
+                    ops.append((name, partial(op, factor=factors[fn])))
         if p.grayscale:
-            x = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+            ops.append(("grayscale", _grayscale))
         if p.blur_sigma is not None:
-            x = cv2.GaussianBlur(x, (0, 0), sigmaX=p.blur_sigma, sigmaY=p.blur_sigma, borderType=cv2.BORDER_REPLICATE)
+            ops.append(("blur", partial(_blur, sigma=p.blur_sigma)))
         if p.solarize:
-            x = cv2.LUT(x, self._solarize_lut)
+            ops.append(("solarize", partial(_lut, table=self._solarize_lut)))
         if p.flip:
-            x = cv2.flip(x, 1)
-        return self._normalise(x)
+            ops.append(("flip", _hflip))
+        return ops
 
-    def _normalise(self, x: np.ndarray) -> torch.Tensor:
-        """H x W x 3 uint8 -> 3 x H x W float32 ``(x / 255 - mean) / std``, contiguous.
-
-        Splitting the planes first keeps every step contiguous (a strided HWC->CHW float conversion is
-        4x slower).
-        """
+    def to_tensor(self, x: np.ndarray) -> torch.Tensor:
+        """H x W x 3 uint8 -> 3 x H x W float32 ``(x / 255 - mean) / std``, contiguous: each uint8 plane goes
+        through its channel's float table straight into the output (one pass; no float arithmetic)."""
         out = torch.empty((3, x.shape[0], x.shape[1]), dtype=torch.float32)
+        planes = out.numpy()
         for c, plane in enumerate(cv2.split(x)):
-            out[c].copy_(torch.from_numpy(plane))
-        return out.sub_(self._mean255).mul_(self._inv_std255)
+            cv2.LUT(plane, self._normalise_luts[c], dst=planes[c])
+        return out
 
-    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+    def apply(self, img: Image.Image | np.ndarray, p: ViewParams, size: int,
+              scale: tuple[float, float] = (1.0, 1.0), clock: _Clock | None = None) -> torch.Tensor:
+        """One view of a decoded RGB image (PIL or H x W x 3 uint8 array).
+
+        ``scale`` maps original-pixel boxes to this image's pixels (after a reduced-scale decode).
+        """
+        clock = clock or _Clock(None)
+        hwc = img if isinstance(img, np.ndarray) else np.array(img)
+        x = self.crop_resize(hwc, p.box, size, scale)
+        clock.lap("crop+resize")
+        for name, op in self.colour_ops(p):
+            x = op(x)
+            clock.lap(name)
+        out = self.to_tensor(x)
+        clock.lap("to-tensor+normalise")
+        return out
+
+    def _run(self, img: Image.Image, clock: _Clock) -> list[torch.Tensor]:
         _single_threaded_opencv()
         width, height = img.size
         params = self.sample_params(width, height)
-        img = self.decode(img, params)
-        scale = (img.width / width, img.height / height)
-        hwc = np.array(img)  # writable H x W x 3 uint8 (torch refuses to wrap read-only memory)
-        return [self.apply(hwc, p, size, scale) for p, size in zip(params, self.sizes)]
+        clock.lap("sample")
+        hwc = self.decode(img, params)
+        clock.lap("decode")
+        scale = (hwc.shape[1] / width, hwc.shape[0] / height)
+        return [self.apply(hwc, p, size, scale, clock) for p, size in zip(params, self.sizes)]
+
+    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+        return self._run(img, _Clock(None))
+
+    def profile(self, img: Image.Image, timings: dict[str, float]) -> list[torch.Tensor]:
+        """``self(img)``, adding the seconds each operation took to ``timings[name]`` (names: ``OP_NAMES``);
+        what ``python -m benchmarks --only pipeline`` reports as the per-op profile."""
+        return self._run(img, _Clock(timings))
+
+
+def _decode_jpeg_full(img: Image.Image) -> np.ndarray | None:
+    """The full-scale RGB pixels of a lazily opened JPEG by ``torchvision.io.decode_jpeg``, as H x W x 3
+    (a view of the decoded buffer), or None to let PIL decode it: no file to read, a file that does not end
+    with the end-of-image marker (truncated: PIL reports it as unreadable, where libjpeg would fill in grey;
+    trailing bytes after the marker also take PIL's path), or a JPEG torchvision cannot decode to RGB (CMYK)."""
+    fp = getattr(img, "fp", None)
+    if fp is None:
+        return None
+    try:
+        fp.seek(0)
+        data = bytearray(fp.read())
+    except (OSError, ValueError, AttributeError):
+        return None
+    if data[-2:] != b"\xff\xd9":
+        return None
+    try:
+        chw = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None
+    if img.filename:  # opened from a path: the file is PIL's own, and no longer needed
+        img.close()
+    return np.ascontiguousarray(chw.permute(1, 2, 0).numpy())
 
 
 _OPENCV_PID: int | None = None
@@ -379,24 +562,6 @@ def _scale_box(box: tuple[int, int, int, int], scale: tuple[float, float], heigh
     sx, sy = scale
     t, lft = int(round(top * sy)), int(round(left * sx))
     return t, lft, max(1, min(int(round(h * sy)), height - t)), max(1, min(int(round(w * sx)), width - lft))
-
-
-def _blend_lut(base: float, factor: float) -> np.ndarray:
-    """PIL ``Image.blend(const, img, factor)`` as a 256-entry table (PIL truncates after clipping)."""
-    v = base + factor * (np.arange(256, dtype=np.float32) - base)
-    return np.clip(v, 0, 255).astype(np.uint8)
-
-
-def _shift_hue(x: np.ndarray, hue_factor: float) -> np.ndarray:
-    """torchvision's PIL ``adjust_hue``: rotate H by ``uint8(hue_factor * 255)`` of 255ths of a turn.
-
-    OpenCV's 8-bit HSV_FULL stores H in 256ths of a turn, hence the rescaled shift.
-    """
-    k = int(hue_factor * 255)  # the reference adds np.uint8(hue_factor * 255), i.e. this value mod 256
-    shift = int(round(k * 256 / 255)) % 256
-    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)
-    hsv[..., 0] += np.uint8(shift)  # uint8 arithmetic wraps around the hue circle
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
 def build_view_transform(cfg_aug: Any = None) -> ViewTransform:

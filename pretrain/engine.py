@@ -35,13 +35,15 @@ and trains to the end of the schedule:
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +60,7 @@ from common.checkpoint import (
     save_checkpoint,
     snapshot_files,
 )
-from common.distributed import DistInfo, all_reduce_mean, barrier, gather_with_grad
+from common.distributed import DistInfo, all_reduce_mean, all_reduce_sum_start, barrier, gather_with_grad
 from common.errors import ConfigError, UserError
 from common.imagefolder import unreadable_files_all_ranks, write_unreadable_list
 from common.preemption import DeferredSignal
@@ -139,13 +141,21 @@ def forward_loss(model: nn.Module, objective: nn.Module, views: Sequence[torch.T
     return out, online
 
 
-def all_ranks_agree(loss: torch.Tensor, stop: bool = False) -> tuple[bool, bool]:
-    """(the loss is finite on every process, some process asks to stop): the step's one collective, so every
-    rank gets the same answers."""
-    flags = torch.stack([torch.isfinite(loss.detach()).float().reshape(()),
-                         torch.tensor(float(stop), device=loss.device)])
-    mean = all_reduce_mean(flags)
-    return bool(mean[0].item() == 1.0), bool(mean[1].item() > 0)
+def start_step_vote(loss: torch.Tensor, stop: bool = False) -> Callable[[], tuple[bool, bool]]:
+    """Starts the step's one collective: the number of processes whose loss is not finite and of those that ask
+    to stop, summed over ranks on the device without waiting; the returned function waits and answers (the loss
+    is finite on every process, some process asks to stop), the same on every rank.
+
+    Started before the backward and read after it, as torch's GradScaler reads its found_inf: on a GPU the host
+    does not wait for the forward before queueing the backward (one read per step, after the backward)."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32).reshape(()),
+                         torch.full((), float(stop), dtype=torch.float32, device=loss.device)])
+    summed = all_reduce_sum_start(flags)
+
+    def answer() -> tuple[bool, bool]:
+        nonfinite, stops = summed().tolist()
+        return nonfinite == 0, stops > 0
+    return answer
 
 
 @dataclass
@@ -159,31 +169,33 @@ class StepOutput:
 def train_step(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer,
                views: Sequence[torch.Tensor], target_model: nn.Module | None = None,
                scaler: Any = None, amp_dtype: torch.dtype | None = None, stop: bool = False) -> StepOutput:
-    """Forward, loss, and (only when the loss is finite on every rank) backward + optimiser step.
+    """Forward, loss, backward, and (only when the loss is finite on every rank) the optimiser step.
 
     ``stop``: this rank asks to stop after the step; the answer (any rank asked) is in ``StepOutput.stop``.
 
-    The forward runs in training mode and so updates the batch-norm running statistics (online and
-    target); a skipped step puts them back, so it leaves every parameter and buffer exactly as before.
+    The finiteness vote (``start_step_vote``) is read once, after the backward. A non-finite loss: its gradients
+    are dropped and the optimiser (and grad scaler) does not step; the forward ran in training mode and so moved
+    the batch-norm running statistics (online and target): they are put back, so the step leaves every parameter,
+    buffer and optimiser state exactly as before.
     """
     buffers = [b for m in (model, target_model) if m is not None for b in m.buffers()]
     saved = [b.clone() for b in buffers]
     out, online = forward_loss(model, objective, views, target_model, amp_dtype)
     loss = out["loss"]
-    finite, stop = all_ranks_agree(loss, stop)
+    vote = start_step_vote(loss, stop)
     optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    finite, stop = vote()
     if not finite:
+        optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for b, s in zip(buffers, saved):
                 b.copy_(s)
+    elif scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
     else:
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer.step()
     return StepOutput(out, online, finite, stop)
 
 
@@ -220,6 +232,30 @@ def _cast_inputs(module: nn.Module, args: tuple, dtype: torch.dtype) -> tuple:
 
 def _fmt_time(seconds: float) -> str:
     return str(timedelta(seconds=int(max(seconds, 0))))
+
+
+def check_compile_support(device: torch.device) -> None:
+    """train.compile=true on CPU: inductor compiles C++ kernels, so a C++ compiler must be on PATH."""
+    if device.type != "cpu":
+        return
+    candidates = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+    if not any(shutil.which(c) for c in candidates):
+        raise ConfigError("train.compile=true on CPU needs a C++ compiler for torch.compile's kernels, and none of "
+                          f"{candidates} is on PATH; fix: install one (Debian: apt-get install g++) or "
+                          "train.compile=false")
+
+
+class FirstOutput:
+    """A forward hook's state: once ``armed``, keeps the (detached) output of the next call of the module it is
+    registered on and disarms. The hook is the object itself (``__call__``): torch 2.3's dynamo traces it into the
+    network's graph, where a bound method (the engine's, before) broke the graph at every backbone call."""
+
+    def __init__(self):
+        self.armed, self.output = False, None
+
+    def __call__(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if self.armed:
+            self.output, self.armed = output.detach(), False
 
 
 # ----------------------------------------------------------------------------------------- the engine
@@ -270,6 +306,24 @@ class PretrainEngine:
                 bucket_cap_mb=float(cfg.train.ddp_bucket_mb))
         else:
             self.model = self.net
+        # torch.compile after the DDP wrap (torch's DDP + compile recipe: DDPOptimizer splits the graph at DDP's
+        # gradient buckets, so their all-reduces still overlap the backward). self.net and self.target stay the
+        # plain modules: checkpoints, the EMA update and the monitor use them, so state_dict keys never get
+        # torch.compile's "_orig_mod." prefix.
+        self.target_forward = self.target
+        if cfg.train.compile:
+            check_compile_support(self.device)
+            if world > 1 and cfg.model.sync_bn:
+                # The cross-process batch norm's collective is an autograd.Function that dynamo traces as a
+                # higher-order op, which torch 2.3's DDPOptimizer refuses ("Found a higher order op in the graph"):
+                # one graph instead, its gradients all-reduced by DDP's reducer after the backward (no overlap).
+                torch._dynamo.config.optimize_ddp = False
+                log.warning("train.compile with model.sync_bn over %d processes: torch.compile without DDP's graph "
+                            "split (torch 2.3 cannot split a graph holding the batch norm's collective), so the "
+                            "gradient all-reduce no longer overlaps the backward", world)
+            self.model = torch.compile(self.model)
+            if self.target is not None:
+                self.target_forward = torch.compile(self.target)
         self.peak_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
         o = cfg.optim
         bias_lr_scale = 1.0 if o.bias_base_lr is None else float(o.bias_base_lr) / float(o.base_lr)
@@ -289,9 +343,9 @@ class PretrainEngine:
         self.probe = self._build_probe()
         self.monitor_sets = build_monitor_sets(cfg, self.dataset) if self.probe is not None or \
             cfg.train.knn_every else None
-        self._capturing, self._probe_input = False, None
+        self.probe_tap = FirstOutput()
         if self.probe is not None:
-            self.net.backbone.register_forward_hook(self._capture_probe_input)
+            self.net.backbone.register_forward_hook(self.probe_tap)
 
         self.step = 0
         self.nonfinite_skips = 0
@@ -316,10 +370,6 @@ class PretrainEngine:
                               "labels to probe with; fix: train.online_probe=false (or null: on when there are labels)")
         return OnlineProbe(self.net.backbone.feature_dim, classes, float(self.cfg.train.probe_lr), self.device,
                            self.info.world_size)
-
-    def _capture_probe_input(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        if self._capturing:  # the first backbone call of a step: the first online view
-            self._probe_input, self._capturing = output.detach(), False
 
     def _monitor_due(self, last: bool) -> tuple[bool, bool]:
         """(probe validation due, k-NN due) after this step: at the epoch ends of their periods, and at the end."""
@@ -519,13 +569,13 @@ class PretrainEngine:
                 views = [v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views]
                 lr = self.lr_at(self.step)
                 set_lr(self.optimizer, lr)
-                self._capturing = self.probe is not None
-                res = train_step(self.model, self.objective, self.optimizer, views, self.target, self.scaler,
+                self.probe_tap.armed = self.probe is not None  # the first backbone call: the first online view
+                res = train_step(self.model, self.objective, self.optimizer, views, self.target_forward, self.scaler,
                                  self.amp_dtype, stop=self.requeue_signal.pending)
-                self._capturing = False
+                self.probe_tap.armed = False
                 if self.probe is not None and res.finite:
-                    self.probe.step(self._probe_input, labels.to(self.device, non_blocking=True))
-                self._probe_input = None
+                    self.probe.step(self.probe_tap.output, labels.to(self.device, non_blocking=True))
+                self.probe_tap.output = None
                 if not res.finite:
                     consecutive_skips += 1
                     self._on_nonfinite(res, lr, consecutive_skips)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common.distributed import is_dist
+from common.distributed import gather_with_grad, is_dist
 from common.resnet import build_resnet
 
 
@@ -60,10 +60,15 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm whose statistics cover the batch of every process: SyncBN for the gloo (CPU) backend.
 
     ``torch.nn.SyncBatchNorm`` refuses CPU tensors, and the engine must behave the same on CPU processes
-    as on GPUs, so this is the CPU counterpart (on CUDA the engine uses torch's SyncBatchNorm). The mean
-    and the variance are all-reduced with ``torch.distributed.nn.functional.all_reduce``, whose backward
-    all-reduces the gradients, so the result equals batch norm over the concatenated batch, forward and
-    backward. Same parameters and buffers as BatchNorm (identical state_dict keys).
+    as on GPUs, so this is the CPU counterpart (on CUDA the engine uses torch's SyncBatchNorm). One collective
+    per layer and direction, as torch's SyncBatchNorm: every process computes its count, mean and sum of
+    squared deviations (two passes over its own batch), the three are all-gathered in one tensor
+    (``common.distributed.gather_with_grad``, whose backward is one all-reduce), and combined by Chan et al.'s
+    pairwise formula, M2 = sum M2_r + sum n_r (mean_r - mean)^2, which never subtracts two large sums: in
+    float32 its error grows like ulp(|mean|) / std, where the one-pass E[x^2] - E[x]^2 loses ulp(mean^2) / var
+    (every digit when |mean| >> std; tests/pretrain/test_step_collectives.py). The result equals batch norm
+    over the concatenated batch, forward and backward. Same parameters and buffers as BatchNorm (identical
+    state_dict keys).
     """
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
@@ -73,23 +78,26 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_dist() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        world = dist.get_world_size()
         dims = [0] + list(range(2, x.dim()))
-        count = x.numel() // x.shape[1] * world
-        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # fp16/bf16: stats in fp32
-        mean = all_reduce(xf.sum(dim=dims)) / count
         shape = [1, -1] + [1] * (x.dim() - 2)
-        centred = xf - mean.view(shape)
-        var = all_reduce(centred.pow(2).sum(dim=dims)) / count  # biased, used to normalise
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # fp16/bf16: stats in fp32
+        n_local = x.numel() // x.shape[1]
+        mean_local = xf.mean(dim=dims)
+        m2_local = (xf - mean_local.view(shape)).pow(2).sum(dim=dims)
+        count = torch.full((1,), float(n_local), dtype=xf.dtype, device=x.device)
+        stats = gather_with_grad(torch.cat([count, mean_local, m2_local]).unsqueeze(0))  # world x (1 + 2C)
+        counts, means, m2s = stats[:, :1], stats[:, 1:1 + x.shape[1]], stats[:, 1 + x.shape[1]:]
+        total = counts.sum()
+        mean = (counts * means).sum(dim=0) / total
+        var = (m2s.sum(dim=0) + (counts * (means - mean).pow(2)).sum(dim=0)) / total  # biased, to normalise
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var.detach() * total / (total - 1).clamp(min=1)  # on the device: no host sync
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * count / max(count - 1, 1), alpha=m)
-        out = centred * torch.rsqrt(var + self.eps).view(shape)
+                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+        out = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         return out.to(x.dtype)

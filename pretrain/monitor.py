@@ -78,9 +78,9 @@ class OnlineProbe(nn.Module):
             g.copy_(flat[offset: offset + g.numel()].view_as(g))
             offset += g.numel()
         self.optimizer.step()
-        with torch.no_grad():
-            self.counts += torch.tensor([(logits.argmax(1) == labels).sum().item(), labels.numel()],
-                                        dtype=torch.float64, device=self.counts.device)
+        with torch.no_grad():  # counted on the device: no host sync per step
+            self.counts[0] += (logits.argmax(1) == labels).sum()
+            self.counts[1] += labels.numel()
 
     def take_train_top1(self) -> float | None:
         """Train top-1 (percent, all processes) since the last call, then the counts restart. A collective."""

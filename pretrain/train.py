@@ -98,6 +98,7 @@ class TrainSchema:
     on_nonfinite: str = MISSING  # stop | skip
     channels_last: bool = MISSING  # NHWC backbone and views
     ddp_bucket_mb: float = MISSING  # DistributedDataParallel bucket_cap_mb
+    compile: bool = MISSING  # torch.compile of the network (and the EMA encoder), after the DDP wrap
     online_probe: Optional[bool] = MISSING  # linear probe on detached features; null: on when the data has labels
     probe_lr: float = MISSING  # the probe's own SGD (momentum 0.9)
     eval_every: int = MISSING  # epochs between the probe's validation passes (0: only at the end)

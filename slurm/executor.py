@@ -8,6 +8,7 @@ it and a real submission passes the same dict to the executor.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cpu_env import export_cpu_env
 from common.distributed import TIMEOUT_ENV
 
 from .errors import SubmitError
@@ -238,6 +240,14 @@ def local_parameters(res: Resources) -> dict:
     }
 
 
+def local_cpu_env() -> dict[str, str]:
+    """The variables local processes get on top of this environment: on a machine without CUDA, the settings of
+    CPU runs (``common.cpu_env.CPU_ENV``: malloc, OpenMP waiting) that the user did not set; nothing with CUDA."""
+    import torch
+
+    return {} if torch.cuda.is_available() else export_cpu_env(dict(os.environ))
+
+
 def submitit_command(folder: Path) -> str:
     """The command submitit puts in the sbatch script (for --dry-run)."""
     import shlex
@@ -263,6 +273,7 @@ def make_executor(res: Resources, folder: Path, array_parallelism: int | None = 
             params["array_parallelism"] = array_parallelism
         executor.update_parameters(**params)
     else:
+        os.environ.update(local_cpu_env())  # the LocalExecutor's processes inherit this environment
         # the job in a session of its own (slurm/local.py): a Ctrl-C in the terminal reaches submit only
         executor = DetachedLocalExecutor(folder=folder, max_num_timeout=MAX_NUM_TIMEOUT)
         executor.update_parameters(**local_parameters(res))

@@ -46,6 +46,7 @@ from .executor import (
     Resources,
     check_against_partition,
     check_slurm_reachable,
+    local_cpu_env,
     local_parameters,
     make_executor,
     partition_info,
@@ -491,7 +492,8 @@ def _print_dry_run(plan: Plan, res: Resources, run_dir: Path, checked: bool) -> 
             print("submit: note: no Slurm controller answers here, so partition limits were not checked")
     else:
         params = local_parameters(res)
-        print(f"submit: local processes: {json.dumps(params)} (submitit LocalExecutor, logs in {folder})")
+        print(f"submit: local processes: {json.dumps(params)}, environment {json.dumps(local_cpu_env())} "
+              f"(submitit LocalExecutor, logs in {folder})")
     print("submit: dry run: nothing was submitted and nothing was written")
 
 

@@ -38,9 +38,9 @@ def one_thread():
 @pytest.fixture(scope="session")
 def synthetic_root() -> Path:
     """The default embedded datasets (built by `make data`, regenerated here if missing)."""
-    from common.synthetic import SyntheticSpec, generate
-
     from filelock import FileLock
+
+    from common.synthetic import SyntheticSpec, generate
 
     root = ROOT / "data" / "synthetic"
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -167,14 +167,19 @@ def test_proposition2_f_T_increases_with_T_and_whitened_eigenvalues_grow_towards
     assert spectra[0][0] < 0.005 and spectra[-1][0] > 0.7
 
 
-def test_uncoupled_newton_iteration_is_unstable_for_large_T_on_ill_conditioned_input():
-    """Documented limitation of the paper's (uncoupled) iteration: once converged, round-off in the part
-    of P that does not commute with Sigma grows by |1 - (r + sqrt r)/2| per step (r = eigenvalue ratio),
-    so T >> log_1.5(tr/lambda_min) diverges when the condition number exceeds ~2.4. T = 4-7 is safe."""
+def test_uncoupled_newton_iteration_is_unstable_for_large_T_and_the_product_form_is_not():
+    """Documented limitation of the paper's (uncoupled) iteration (``iternorm_reference``): once converged,
+    round-off in the part of P that does not commute with Sigma grows by |1 - (r + sqrt r)/2| per step
+    (r = eigenvalue ratio), so T >> log_1.5(tr/lambda_min) diverges when the condition number exceeds ~2.4.
+    ``iternorm`` computes the same polynomial in the product form P_{k+1} = P_k (3 I - Y_k) / 2, whose
+    Y_k = P_k^2 Sigma_N -> I converges quadratically: it stays whitened. T = 4-7, where they agree, is safe."""
     z = _batch_data([4.0, 1.0, 0.2, 0.01])
-    err = [(_cov(iternorm(z, t, "batch"), "batch") - torch.eye(4, dtype=D64)).abs().max().item()
-           for t in (10, 16)]
-    assert err[0] < 0.01 and not err[1] < 1.0
+
+    def err(fn, t):
+        return (_cov(fn(z, t, "batch"), "batch") - torch.eye(4, dtype=D64)).abs().max().item()
+
+    assert err(losses.iternorm_reference, 10) < 0.01 and not err(losses.iternorm_reference, 16) < 1.0
+    assert err(iternorm, 10) < 0.01 and err(iternorm, 16) < 1e-12 and err(iternorm, 40) < 1e-12
 
 
 def _eig_reference_matrix(sigma, iters):
@@ -212,6 +217,67 @@ def test_many_iterations_converge_to_zca_whitening_and_zero_trace_loss(axis):
 
 
 # ------------------------------------------------------------------------------------------------------
+# the fast iternorm (smaller Gram matrix, product form, written-out backward) against the paper's computation
+# ------------------------------------------------------------------------------------------------------
+def _collapsed(m, d, seed=0):
+    """rank-3 embedding plus 1e-6 noise: a near-singular covariance on both axes"""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, 3, generator=g, dtype=D64) @ torch.randn(3, d, generator=g, dtype=D64)
+            + 1e-6 * torch.randn(m, d, generator=g, dtype=D64))
+
+
+def _value_and_grad(fn, z, upstream, *args):
+    z = z.clone().requires_grad_()
+    out = fn(z, *args)
+    (out * upstream).sum().backward()
+    return out.detach(), z.grad
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# m <= d (m x m Gram), m > d (d x d Gram), >= 128 rows (the blocked Gram), a singular covariance on the
+# whitened axis, a near-collapsed embedding
+EQUALITY_INPUTS = {
+    "16x40": lambda: _z(16, 40, seed=1), "48x12": lambda: _z(48, 12, seed=2), "20x20": lambda: _z(20, 20, seed=3),
+    "160x300": lambda: _z(160, 300, seed=4), "300x160": lambda: _z(300, 160, seed=5),
+    "collapsed 40x64": lambda: _collapsed(40, 64), "collapsed 64x40": lambda: _collapsed(64, 40, seed=1),
+}
+
+
+@pytest.mark.parametrize("axis", ["channel", "batch"])
+@pytest.mark.parametrize("case", sorted(EQUALITY_INPUTS))
+def test_iternorm_equals_the_papers_computation_outputs_and_gradients(axis, case):
+    z = EQUALITY_INPUTS[case]()
+    upstream = torch.randn(z.shape, generator=torch.Generator().manual_seed(9), dtype=D64)
+    worst = 0.0
+    for iters in (0, 1, 2, 3, 4, 5, 7):
+        out, grad = _value_and_grad(iternorm, z, upstream, iters, axis)
+        ref_out, ref_grad = _value_and_grad(losses.iternorm_reference, z, upstream, iters, axis)
+        assert out.dtype == D64 and _rel(out, ref_out) < 1e-10, (iters, _rel(out, ref_out))
+        assert _rel(grad, ref_grad) < 1e-10, (iters, _rel(grad, ref_grad))
+        worst = max(worst, _rel(out, ref_out), _rel(grad, ref_grad))
+    # and the official code's formulation (autograd through its baddbmm / matrix_power iteration)
+    ref_axis = 0 if axis == "channel" else 1
+    oracle_out, oracle_grad = _value_and_grad(ref_iternorm, z, upstream, ref_axis, 4)
+    out, grad = _value_and_grad(iternorm, z, upstream, 4, axis)
+    assert _rel(out, oracle_out) < 1e-10 and _rel(grad, oracle_grad) < 1e-10
+    print(f"{case} {axis}: largest relative difference to iternorm_reference over T=0..7 {worst:.1e}")
+
+
+def test_iternorm_backward_passes_gradcheck_and_without_grad_is_the_same_output():
+    for axis in ("channel", "batch"):
+        for shape in ((6, 9), (9, 6)):
+            z = _z(*shape, seed=11).requires_grad_()
+            assert torch.autograd.gradcheck(iternorm, (z, 3, axis), eps=1e-6, atol=1e-7)
+            with torch.no_grad():
+                torch.testing.assert_close(iternorm(z, 3, axis), iternorm(z.detach(), 3, axis), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="iters must be >= 0"):
+        iternorm(_z(4, 6), -1)
+
+
+# ------------------------------------------------------------------------------------------------------
 # precision
 # ------------------------------------------------------------------------------------------------------
 def test_dtypes_and_autocast():
@@ -227,6 +293,12 @@ def test_dtypes_and_autocast():
     torch.testing.assert_close(out, iternorm(zb.float()), rtol=0, atol=0)
     # and the float32 result is close to the float64 one
     torch.testing.assert_close(iternorm(z32), iternorm(z32.double()).float(), rtol=1e-4, atol=1e-5)
+    # the backward under autocast (the engine calls backward outside it; a caller may not) is float32 too
+    lin = nn.Linear(24, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = trace_loss(iternorm(lin(z32)))
+        loss.backward()
+    assert lin.weight.grad.dtype == torch.float32 and torch.isfinite(lin.weight.grad).all()
 
 
 def test_bad_shapes_and_axes_are_named():
