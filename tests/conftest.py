@@ -1,4 +1,5 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,13 @@ TESTS = ROOT / "tests"
 
 # Two cores shared by the test process and the ranks it spawns: one thread each avoids oversubscription.
 torch.set_num_threads(int(os.environ.get("INTL_TEST_THREADS", "1")))
+
+# The Ctrl-C tests start processes that must get SIGINT as from a terminal, and a process inherits an ignored
+# SIGINT: a non-interactive shell ignores it in the commands it starts in the background (`make test &`, nohup),
+# and Python then never raises KeyboardInterrupt. The test process (each pytest-xdist worker too) takes Python's
+# default handler back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

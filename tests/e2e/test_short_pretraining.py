@@ -15,19 +15,23 @@ from common.config import compose_config
 from common.runlog import read_metrics
 from transfer import linear
 
+# The shared pretraining's length. Measured 2026-12-03 at 90 steps: k-NN 14.4 vs 10.8, linear 15.2 vs 11.2, probe
+# 12.8: below every margin asked here; at 150 all three pass (the numbers in the tests).
+STEPS = 150
+
 
 @pytest.fixture(scope="module")
 def synthetic_pretraining(synthetic_root, tmp_path_factory):
     """A short INTL pretraining by the engine, shared by the tests of this module: the synthetic preset
-    (ResNet-18, 32-px views of the embedded set, batch 64) cut at 150 steps. Returns (config, the run's summary)."""
+    (ResNet-18, 32-px views of the embedded set, batch 64) cut at STEPS steps. Returns (config, the run's summary)."""
     from pretrain.train import run
 
     run_dir = tmp_path_factory.mktemp("pretrain") / "intl_synthetic"
     cfg = compose_config("pretrain", ["pretrain/preset=synthetic", f"data.root={synthetic_root / 'classification'}",
-                                      f"run_dir={run_dir}", "train.max_steps=150", "train.spectrum_every=0",
+                                      f"run_dir={run_dir}", f"train.max_steps={STEPS}", "train.spectrum_every=0",
                                       "train.eval_every=2"])
     summary = run(cfg)
-    assert summary["steps"] == 150 and (run_dir / "last.pth").is_file()
+    assert summary["steps"] == STEPS and (run_dir / "last.pth").is_file()
     return cfg, summary
 
 
@@ -74,7 +78,7 @@ def test_online_probe_learns_during_a_short_pretraining(synthetic_pretraining):
     first, last = sum(train[:3]) / 3, sum(train[-3:]) / 3
     print(f"online probe: running train top-1 {first:.1f} (first 3 rows) -> {last:.1f} (last 3); "
           f"validation top-1 {val}; k-NN monitor {summary.get('knn_top1')}")
-    assert val and val[-1][0] == 150 and summary["probe_val_top1"] == val[-1][1]
+    assert val and val[-1][0] == STEPS and summary["probe_val_top1"] == val[-1][1]
     assert val[-1][1] >= 14.0 and last > first
 
 
