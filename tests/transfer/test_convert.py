@@ -364,3 +364,31 @@ def test_output_that_is_a_folder_or_in_an_unwritable_folder_exits_2(tmp_path, ca
     err = capsys.readouterr().err
     print(err.strip())
     assert "read-only file system" in err and "fix: choose a writable folder" in err and "Traceback" not in err
+
+
+# ---- what the weights say about the pretraining ----------------------------------------------------------------
+
+
+def test_residual_branches_still_at_zero_init_are_reported(tmp_path):
+    """A ResNet-50 whose residual branches are still at torchvision's zero_init_residual start (the state of the
+    demo's barely trained ResNet-50, issue 16) gets a warning; the default init and a trained-looking one do not."""
+    from transfer.convert import residual_branch_gains
+
+    cases = {"zero_init": build_resnet("resnet50", zero_init_residual=True),
+             "default_init": build_resnet("resnet50", zero_init_residual=False),
+             "non_trivial": _non_trivial(build_resnet("resnet50", zero_init_residual=True), 3),
+             "resnet18": build_resnet("resnet18")}
+    warned = {}
+    for name, model in cases.items():
+        src = tmp_path / f"{name}.pth"
+        torch.save(model.state_dict(), src)
+        lines = []
+        convert(src, tmp_path / f"{name}.pkl", log=lines.append)
+        gains_line = next(line for line in lines if "residual branches, mean |gamma|" in line)
+        gains = residual_branch_gains(model.state_dict())
+        assert list(gains) == ["layer1", "layer2", "layer3", "layer4"]
+        assert gains_line.endswith(" / ".join(f"{g:.3f}" for g in gains.values()))
+        warned[name] = any("WARNING: every stage's residual branches are nearly off" in line for line in lines)
+    assert warned == {"zero_init": True, "default_init": False, "non_trivial": False, "resnet18": False}
+    assert residual_branch_gains(cases["zero_init"].state_dict()) == {f"layer{i}": 0.0 for i in range(1, 5)}
+    assert residual_branch_gains(cases["default_init"].state_dict()) == {f"layer{i}": 1.0 for i in range(1, 5)}
