@@ -117,7 +117,7 @@ def detectron2_name(key: str) -> str | None:
 
 # Mean |gamma| of the residual branches' last BN below which a stage's branches count as switched off: 0 is
 # torchvision's zero_init_residual start (ResNet-50/101), 1 the default init. The demo's 150-step ResNet-50 on
-# 32-px views ended at 0.020 / 0.011 / 0.007 / 0.004 (layer1-4) and learned nothing (issue 16).
+# 32-px views ended at 0.020 / 0.011 / 0.007 / 0.004 (layer1-4), and its k-NN was that of random init.
 RESIDUAL_OFF_GAIN = 0.05
 
 
@@ -536,8 +536,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: s
     if residual_branches_off(gains):
         log(f"  WARNING: every stage's residual branches are nearly off (all below {RESIDUAL_OFF_GAIN}): the backbone "
             "is still close to its zero_init_residual start, so it has barely trained (its features come from the "
-            "stem and the 1x1 shortcut convolutions alone); fine-tuning a detector from it is unstable and shows "
-            "nothing about the pretraining (see toylab.detection_start). Fix: pretrain longer, or with "
+            "stem and the 1x1 shortcut convolutions alone); fine-tuning a detector from it shows nothing about the "
+            "pretraining. Fix: pretrain longer, or with "
             "model.zero_init_residual=false for short runs on small views")
     _log_skipped(weights, log, verbose)
 
