@@ -55,7 +55,7 @@ import torch
 import torch.nn as nn
 
 from common.checkpoint import BACKBONE_PREFIX, CheckpointError, is_pretrain_checkpoint
-from common.resnet import FEATURE_DIMS, build_resnet
+from common.resnet import BOTTLENECK_ARCHS, FEATURE_DIMS, build_resnet
 
 KINDS = {  # kind -> what it is (printed by intl-convert and the evaluations)
     "intl-pretrain": "this project's pretraining checkpoint",
@@ -494,7 +494,7 @@ def _infer_arch(sd: Mapping[str, torch.Tensor], source: str) -> tuple[str, bool]
     conv1 = sd.get("conv1.weight")
     small_stem = conv1 is not None and conv1.dim() == 4 and conv1.shape[-1] == 3
     bottleneck = any(k.endswith(".conv3.weight") for k in sd)
-    candidates = [a for a in FEATURE_DIMS if (a in ("resnet50", "resnet101")) == bottleneck]
+    candidates = [a for a in FEATURE_DIMS if (a in BOTTLENECK_ARCHS) == bottleneck]
     if not candidates:  # pragma: no cover - FEATURE_DIMS always holds both families
         raise CheckpointError(f"{source}: no supported ResNet matches these keys")
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torchvision
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+BOTTLENECK_ARCHS = ("resnet50", "resnet101")  # bottleneck blocks (conv1-3, bn1-3); the others: basic blocks
 
 
 def build_resnet(arch: str = "resnet50", small_stem: bool = False, zero_init_residual: bool | None = None) -> nn.Module:
@@ -22,7 +23,7 @@ def build_resnet(arch: str = "resnet50", small_stem: bool = False, zero_init_res
     if arch not in FEATURE_DIMS:
         raise ValueError(f"unknown backbone {arch!r}; choose one of {sorted(FEATURE_DIMS)}")
     if zero_init_residual is None:
-        zero_init_residual = arch in ("resnet50", "resnet101")
+        zero_init_residual = arch in BOTTLENECK_ARCHS
     model = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     if small_stem:
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)

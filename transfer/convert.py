@@ -56,7 +56,7 @@ from common.backbone_weights import KINDS, TRAINING_KINDS, BackboneWeights, load
 from common.checkpoint import CheckpointError
 from common.config import config_dir
 from common.errors import UserError
-from common.resnet import build_resnet
+from common.resnet import BOTTLENECK_ARCHS, build_resnet
 
 FORMATS = ("detectron2", "torchvision")
 # torchvision's ImageNet normalisation (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) on detectron2's 0-255 scale.
@@ -121,10 +121,10 @@ def detectron2_name(key: str) -> str | None:
 RESIDUAL_OFF_GAIN = 0.05
 
 
-def residual_branch_gains(state_dict) -> dict[str, float]:
+def residual_branch_gains(state_dict, arch: str) -> dict[str, float]:
     """Per stage (``layer1``-``layer4``): the mean |gamma| of the last BN of every residual branch (``bn3`` of a
     bottleneck, ``bn2`` of a basic block), i.e. how much the residual branches add to the shortcut path."""
-    last = "bn3" if any(re.fullmatch(r"layer\d\.\d+\.bn3\.weight", k) for k in state_dict) else "bn2"
+    last = "bn3" if arch in BOTTLENECK_ARCHS else "bn2"
     gains = {}
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         gammas = [v.detach().abs().float().flatten() for k, v in state_dict.items()
@@ -530,7 +530,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, to: s
         f"{expected_weight_count(weights)} weight tensors (conv + BN weight/bias/running stats)")
     if weights.filled:
         log(f"  {len(weights.filled)} BN num_batches_tracked counters absent in the input (set to 0)")
-    gains = residual_branch_gains(weights.state_dict)
+    gains = residual_branch_gains(weights.state_dict, weights.arch)
     log("  residual branches, mean |gamma| of each block's last BN (layer1-4): "
         + " / ".join(f"{g:.3f}" for g in gains.values()))
     if residual_branches_off(gains):

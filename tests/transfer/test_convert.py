@@ -374,6 +374,7 @@ def test_residual_branches_still_at_zero_init_are_reported(tmp_path):
     demo's barely trained ResNet-50, issue 16) gets a warning; the default init and a trained-looking one do not."""
     from transfer.convert import residual_branch_gains
 
+    archs = {"zero_init": "resnet50", "default_init": "resnet50", "non_trivial": "resnet50", "resnet18": "resnet18"}
     cases = {"zero_init": build_resnet("resnet50", zero_init_residual=True),
              "default_init": build_resnet("resnet50", zero_init_residual=False),
              "non_trivial": _non_trivial(build_resnet("resnet50", zero_init_residual=True), 3),
@@ -385,10 +386,10 @@ def test_residual_branches_still_at_zero_init_are_reported(tmp_path):
         lines = []
         convert(src, tmp_path / f"{name}.pkl", log=lines.append)
         gains_line = next(line for line in lines if "residual branches, mean |gamma|" in line)
-        gains = residual_branch_gains(model.state_dict())
+        gains = residual_branch_gains(model.state_dict(), archs[name])
         assert list(gains) == ["layer1", "layer2", "layer3", "layer4"]
         assert gains_line.endswith(" / ".join(f"{g:.3f}" for g in gains.values()))
         warned[name] = any("WARNING: every stage's residual branches are nearly off" in line for line in lines)
     assert warned == {"zero_init": True, "default_init": False, "non_trivial": False, "resnet18": False}
-    assert residual_branch_gains(cases["zero_init"].state_dict()) == {f"layer{i}": 0.0 for i in range(1, 5)}
-    assert residual_branch_gains(cases["default_init"].state_dict()) == {f"layer{i}": 1.0 for i in range(1, 5)}
+    for name, gain in (("zero_init", 0.0), ("default_init", 1.0)):
+        assert residual_branch_gains(cases[name].state_dict(), "resnet50") == {f"layer{i}": gain for i in range(1, 5)}
