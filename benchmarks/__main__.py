@@ -2,7 +2,8 @@
 
 Outputs (atomically) ``benchmarks/results/<YYYY-MM-DD>.json`` (every repeat, the machine description),
 ``<date>.md`` (the table: median, min, max, ratio to the baseline) and ``<date>.png`` (the ratios).
-Benchmarks: ``whitening`` (IterNorm vs eigendecomposition: time and robustness counts), ``step`` (full
+Benchmarks: ``whitening`` (IterNorm vs eigendecomposition: time and robustness counts), ``objective`` (the INTL
+objective from Gram matrices vs the paper's computation), ``step`` (full
 INTL training step vs a trivial loss, peak RSS), ``probe`` (the step with the monitor's online probe vs
 without), ``pipeline`` (pretraining augmentation, images/s/core,
 vs the reference code's PIL pipeline, and its per-operation profile), ``compile`` (the step with ``torch.compile``
@@ -37,7 +38,7 @@ from benchmarks import (
 from benchmarks.common import add_ratios, machine_info, set_threads
 from common.cpu_env import tune_cpu_allocator
 
-BENCHMARKS = ("whitening", "step", "probe", "pipeline", "compile", "allocator", "threads")
+BENCHMARKS = ("whitening", "objective", "step", "probe", "pipeline", "compile", "allocator", "threads")
 ON_REQUEST = ("gpu",)  # not in the default run: --gpu (or --only gpu)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -89,6 +90,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         t0 = time.perf_counter()
         if name == "whitening":
             rows += bench_whitening.run(full=args.full, **common)
+        elif name == "objective":
+            rows += bench_whitening.run_objective(**common)
         elif name == "step":
             rows += bench_step.run(**common)
         elif name == "probe":

@@ -11,6 +11,11 @@ covariance's scale, because IterNorm is scale-invariant):
 - IterNorm T=4 (``pretrain.losses.iternorm``), and for the timing also the paper's computation of the same
   output (``pretrain.losses.iternorm_reference``, the implementation before issue 20).
 
+The INTL objective (``--only objective``, rows ``intl-objective``, channel whitening only): ``intl_loss`` of 2
+views as training runs it (from Gram matrices, the outputs never formed), the same by whitened outputs
+(``fused=False``), and the paper's computation (``iternorm_reference``, then ``norm_mse`` and ``trace_loss`` on
+the outputs, the baseline), forward + backward, interleaved.
+
 Timing: two views whitened, then the alignment loss ``norm_mse`` of the pair, forward + backward, every method
 on the same inputs and loss, interleaved; at the paper's shapes: channel whitening m=256, d=8192 (m x m
 covariance) and batch whitening m=256, d=512 / 1024 (``--full``: also 2048) (d x d covariance). The ratio of
@@ -35,14 +40,25 @@ import torch
 from benchmarks.baselines import cholesky_whiten, zca_whiten
 from benchmarks.common import Row, interleaved
 from common.atomic import save_figure
-from pretrain.losses import iternorm, iternorm_reference, norm_mse, power_transform
+from pretrain.losses import (
+    combine_views,
+    intl_beta,
+    intl_loss,
+    iternorm,
+    iternorm_reference,
+    norm_mse,
+    power_transform,
+    trace_loss,
+)
 
 NAME = "whitening"
+OBJECTIVE = "intl-objective"
 ROBUSTNESS = NAME + "-robustness"
 F32, F64 = torch.float32, torch.float64
 RIDGE, FLOOR, ITERS = 1e-4, 1e-6, 4
 ITERNORM = f"IterNorm T={ITERS}"
 ITERNORM_REF = f"IterNorm T={ITERS}, the paper's computation"
+OBJECTIVE_REF = f"IterNorm T={ITERS} + norm_mse + trace loss, the paper's computation"
 OUTCOMES = ("ok", "linalg_error", "nonfinite_output", "nonfinite_grad")
 
 Whiten = Callable[[torch.Tensor, str], torch.Tensor]
@@ -83,6 +99,44 @@ def timing(cases, warmup, repeats, log) -> list[Row]:
                             extra={"axis": axis, "m": m, "d": d}))
         fastest = min(times, key=lambda k: sorted(times[k])[len(times[k]) // 2])
         log(f"[whitening] {case}: fastest {fastest}")
+    return rows
+
+
+def _objective_steps(z1: torch.Tensor, z2: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """The INTL objective of two channel-whitened views three ways; the paper's computation is the baseline."""
+    beta = intl_beta(z1.shape[0], z1.shape[1])
+
+    def papers() -> torch.Tensor:
+        outs = [iternorm_reference(z, ITERS, "channel") for z in (z1, z2)]
+        return combine_views(outs, None, lambda a, b: {"align": norm_mse(a, b)},
+                             lambda z: {"trace": beta * trace_loss(z, "channel")})["loss"]
+
+    variants = {
+        "intl_loss (from Gram matrices)": lambda: intl_loss([z1, z2], iters=ITERS)["loss"],
+        "intl_loss by whitened outputs (fused=False)": lambda: intl_loss([z1, z2], iters=ITERS, fused=False)["loss"],
+        OBJECTIVE_REF: papers,
+    }
+
+    def step(fn):
+        def run():
+            z1.grad = z2.grad = None
+            fn().backward()
+        return run
+    return {name: step(fn) for name, fn in variants.items()}
+
+
+def objective_timing(cases, warmup, repeats, log) -> list[Row]:
+    rows = []
+    for m, d in cases:
+        g = torch.Generator().manual_seed(0)
+        z1 = torch.randn(m, d, generator=g).requires_grad_()
+        z2 = (z1.detach() + 0.5 * torch.randn(m, d, generator=g)).requires_grad_()
+        case = f"INTL objective, 2 views, channel whitening m={m} d={d}"
+        times = interleaved(_objective_steps(z1, z2), warmup, repeats,
+                            progress=lambda msg, case=case: log(f"[{OBJECTIVE}] {case}: {msg}"))
+        for name, ts in times.items():
+            rows.append(Row(OBJECTIVE, case, name, "ms (fwd+bwd)", [1000 * t for t in ts],
+                            baseline=None if name == OBJECTIVE_REF else OBJECTIVE_REF, extra={"m": m, "d": d}))
     return rows
 
 
@@ -174,6 +228,11 @@ def run(quick: bool = False, warmup: int = 1, repeats: int = 5, full: bool = Fal
                    ("collapsed", "batch", 256, 512), ("collapsed", "channel", 256, 8192)]
         trials = 10
     return timing(timing_cases, warmup, repeats, log) + robustness(configs, trials, log)
+
+
+def run_objective(quick: bool = False, warmup: int = 1, repeats: int = 5, log=print) -> list[Row]:
+    """The ``objective`` benchmark: the INTL objective of 2 views at the paper's channel shape (m=256, d=8192)."""
+    return objective_timing([(16, 64)] if quick else [(256, 8192)], warmup, repeats, log)
 
 
 # ---------------------------------------------------------------------------------------------- report

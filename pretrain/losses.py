@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -279,6 +279,63 @@ def iternorm(z: torch.Tensor, iters: int = 4, axis: str = "channel") -> torch.Te
         return _IterNormFunction.apply(z, int(iters), axis, _degrees_of_freedom(z, axis))
 
 
+
+class _NewtonFunction(torch.autograd.Function):
+    """P_T = f_T(S) of a symmetric S (trace 1) with the written-out backward of ``_newton_backward``."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, iters: int):  # noqa: D401 - autograd API
+        p, saved = _newton_forward(s, iters)
+        ctx.iters, ctx.saved = iters, saved
+        ctx.save_for_backward(s)
+        return p
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (s,) = ctx.saved_tensors
+        return _newton_backward(s, ctx.saved, _sym(grad.to(s.dtype)), ctx.iters), None
+
+
+class _GramSetFunction(torch.autograd.Function):
+    """The Gram matrices ``x_i x_j^T`` of a few (m, d) matrices for the index ``pairs``; the backward does one
+    product with each x_j that a gradient reaches: dL/dx_i = sum_j C_ij x_j."""
+
+    @staticmethod
+    def forward(ctx, pairs: tuple, *xs: torch.Tensor):  # noqa: D401 - autograd API
+        ctx.pairs = pairs
+        ctx.save_for_backward(*xs)
+        return tuple(_gram(xs[i]) if i == j else xs[i] @ xs[j].T for i, j in pairs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor):
+        xs = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[1:]
+        coeff: dict[tuple[int, int], torch.Tensor] = {}   # (i, j) -> C_ij
+
+        def add(i: int, j: int, c: torch.Tensor) -> None:
+            if wanted[i]:
+                coeff[i, j] = coeff[i, j] + c if (i, j) in coeff else c
+
+        for (i, j), g in zip(ctx.pairs, grads):
+            g = g.to(xs[i].dtype)
+            if i == j:
+                add(i, i, g + g.T)
+            else:
+                add(i, j, g)
+                add(j, i, g.T)
+        out: list[torch.Tensor | None] = [None] * len(xs)
+        for (i, j), c in coeff.items():
+            out[i] = c @ xs[j] if out[i] is None else out[i].addmm_(c, xs[j])
+        return (None, *out)
+
+
+def _rowwise_dot(a: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The diagonal of a g b^T (m x m matrices) without the full product: one small product."""
+    return ((a @ g) * b).sum(dim=1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Spectral transformation lambda^-p by eigendecomposition (ST family; p = 0.5 is hard whitening)
 # ----------------------------------------------------------------------------------------------------
@@ -366,11 +423,11 @@ def intl_beta(batch_size: int, dim: int, axis: str = "channel") -> float:
 # ----------------------------------------------------------------------------------------------------
 # The multi-view combination shared by every objective
 # ----------------------------------------------------------------------------------------------------
-PairFn = Callable[[torch.Tensor, torch.Tensor], dict]
-ViewFn = Callable[[torch.Tensor], dict]
+PairFn = Callable[[Any, Any], dict]
+ViewFn = Callable[[Any], dict]
 
 
-def combine_views(views: Sequence[torch.Tensor], target: torch.Tensor | None, pair_fn: PairFn,
+def combine_views(views: Sequence[Any], target: Any | None, pair_fn: PairFn,
                   view_fn: ViewFn | None = None) -> dict:
     """INTL's multi-view rule for any objective made of a pair term and a per-view term.
 
@@ -420,18 +477,40 @@ def combine_views(views: Sequence[torch.Tensor], target: torch.Tensor | None, pa
 # INTL and its ablations
 # ----------------------------------------------------------------------------------------------------
 def intl_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None = None, *, iters: int = 4,
-              axis: str = "channel", beta: float | None = None, whiten: bool = True) -> dict:
+              axis: str = "channel", beta: float | None = None, whiten: bool = True,
+              fused: bool | None = None) -> dict:
     """INTL objective on global-batch projector outputs.
 
     Each view is whitened with IterNorm (``whiten=False``: only centred, the trace-only ablation), then
     loss = mean over pairs of ``norm_mse + beta * trace terms`` (``combine_views``). ``beta=None`` uses
     ``intl_beta`` of this batch; ``beta=0`` is the IterNorm-only ablation.
     Returns {"loss", "align", "trace" (beta-weighted), "beta"}.
+
+    ``fused`` (default: whenever it applies, channel whitening with m <= d) computes the same loss from m x m
+    Gram matrices without forming the whitened outputs (``_intl_channel_from_grams``); ``fused=False`` whitens
+    every view with ``iternorm`` and applies the losses to the outputs. The two agree to round-off, loss and
+    gradients (tests/pretrain/test_losses.py).
     """
     ref = target if target is not None else views[0]
     if beta is None:
         beta = intl_beta(ref.shape[0], ref.shape[1], axis)
+    applies = whiten and axis == "channel" and ref.shape[0] <= ref.shape[1]
+    if fused and not applies:
+        raise ValueError("fused=True needs channel whitening (axis='channel', whiten=True) with at most as many "
+                         f"samples as features, got axis={axis!r} whiten={whiten} shape {tuple(ref.shape)}; "
+                         "fix: leave fused unset")
+    if applies and fused is not False:
+        out = _intl_channel_from_grams(list(views), target, iters, float(beta))
+    else:
+        out = _intl_from_outputs(list(views), target, iters, axis, float(beta), whiten)
+    out.setdefault("trace", torch.zeros((), dtype=out["loss"].dtype, device=out["loss"].device))
+    out["beta"] = float(beta)
+    return out
 
+
+def _intl_from_outputs(views: list[torch.Tensor], target: torch.Tensor | None, iters: int, axis: str,
+                       beta: float, whiten: bool) -> dict:
+    """INTL by its definition: the whitened outputs, then ``norm_mse`` and ``trace_loss`` on them."""
     def transform(z: torch.Tensor) -> torch.Tensor:
         return iternorm(z, iters, axis) if whiten else centre(_full_precision(z), axis)
 
@@ -444,10 +523,49 @@ def intl_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None = None,
     def view(z):
         return {"trace": beta * trace_loss(z, axis)} if beta != 0 else {}
 
-    out = combine_views(t_views, t_target, pair, view)
-    out.setdefault("trace", torch.zeros((), dtype=out["loss"].dtype, device=out["loss"].device))
-    out["beta"] = float(beta)
-    return out
+    return combine_views(t_views, t_target, pair, view)
+
+
+def _intl_channel_from_grams(views: list[torch.Tensor], target: torch.Tensor | None, iters: int,
+                             beta: float) -> dict:
+    """INTL with channel whitening computed from Gram matrices, the whitened outputs never formed.
+
+    With z_c the centred (m, d) view and A = P_T sqrt((d - 1) / tr) the whitening matrix (m x m, a function of
+    G = z_c z_c^T), the output is Y = A z_c, and everything the objective reads of it is a diagonal of a small
+    matrix: |y_r|^2 = (A G A^T)_rr (the trace loss; the rows of Y stay centred) and y_r . y'_r = (A G' A'^T)_rr
+    with the cross-Gram G' = z_c z'_c^T (the cosine of ``norm_mse``). So the big (m x d) products are the Gram
+    matrices (each view's, and one cross-Gram per pair) and, in the backward, one product of each view with
+    each Gram it entered: for 2 views at m=256, d=8192, 6.5 products of the embedding's size instead of 12
+    for the paper's computation. The small matrices run through the same Newton polynomial as ``iternorm``.
+    """
+    with no_autocast((target if target is not None else views[0]).device.type):
+        crops = ([target] if target is not None else []) + views  # crop 0 is the anchor
+        for c in crops:
+            _check_2d(c)
+        zc = [centre(_full_precision(c), "channel") for c in crops]
+        dof = _degrees_of_freedom(zc[0], "channel")
+        pairs = tuple((i, i) for i in range(len(zc))) + tuple((i, 0) for i in range(1, len(zc)))
+        grams = dict(zip(pairs, _GramSetFunction.apply(pairs, *zc)))
+        whitening = []
+        for i in range(len(zc)):
+            gram = grams[i, i]
+            trace = torch.diagonal(gram).sum()
+            whitening.append(_NewtonFunction.apply(gram / trace, iters) * (dof / trace).sqrt())
+        squares = [_rowwise_dot(a, grams[i, i], a) for i, a in enumerate(whitening)]   # |y_r|^2
+        norms = [sq.clamp(min=0).sqrt() for sq in squares]
+
+        def pair(i: int, j: int) -> dict:
+            dot = _rowwise_dot(whitening[i], grams[i, j], whitening[j])
+            cos = dot / (norms[i].clamp(min=1e-12) * norms[j].clamp(min=1e-12))  # as F.normalize's eps
+            return {"align": 2.0 - 2.0 * cos.mean()}
+
+        def view(i: int) -> dict:
+            return {"trace": beta * (squares[i] / dof - 1.0).pow(2).sum()} if beta != 0 else {}
+
+        indices = list(range(len(zc)))
+        if target is None:
+            return combine_views(indices, None, pair, view)
+        return combine_views(indices[1:], 0, pair, view)
 
 
 def st_power_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None = None, *, power: float = 0.5,

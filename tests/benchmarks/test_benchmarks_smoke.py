@@ -24,8 +24,8 @@ def test_python_m_benchmarks_quick_writes_json_markdown_png(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "smoke.json").read_text())
     benches = {r["benchmark"] for r in result["rows"]}
-    assert benches == {"whitening", "whitening-robustness", "step", "probe", "pipeline", "pipeline-profile",
-                       "allocator", "threads", "compile"}
+    assert benches == {"whitening", "intl-objective", "whitening-robustness", "step", "probe", "pipeline",
+                       "pipeline-profile", "allocator", "threads", "compile"}
     for r in result["rows"]:
         assert r["values"] and all(math.isfinite(v) for v in r["values"])
         assert r["ratio"] is not None and math.isfinite(r["ratio"]) and r["ratio"] > 0
@@ -51,6 +51,8 @@ def test_python_m_benchmarks_quick_writes_json_markdown_png(tmp_path):
     for name in METHODS:
         assert section.count(f"| {name} |") == 2, name
     assert "IterNorm T=4, the paper's computation |" in section and "repeated" in section
+    objective = [r for r in result["rows"] if r["benchmark"] == "intl-objective"]
+    assert len(objective) == 3 and sum(r["baseline"] is None for r in objective) == 1
     assert (tmp_path / "smoke-whitening.png").stat().st_size > 1000
     assert "[pipeline]" in proc.stdout and "repeat 1/1" in proc.stdout  # progress lines
 

@@ -422,3 +422,79 @@ def test_loss_falls_over_a_few_steps(name):
     assert all(math.isfinite(v) for v in values)
     first, last = sum(values[:3]) / 3, sum(values[-3:]) / 3
     assert last < first - 0.05 * abs(first), f"{name}: loss {first:.4f} -> {last:.4f} did not fall"
+
+
+# ------------------------------------------------------------------------------------------------------
+# intl_loss from Gram matrices (channel whitening, the default) against the definition on whitened outputs
+# ------------------------------------------------------------------------------------------------------
+def _loss_and_grads(views, target, **kw):
+    views = [v.clone().requires_grad_() for v in views]
+    out = losses.intl_loss(views, target, **kw)
+    out["loss"].backward()
+    return out, [v.grad for v in views]
+
+
+# (m, d, crops, EMA, beta): 2 views, multi-crop, the EMA variant, >= 128 rows (blocked Gram), beta = 0, m = d
+FUSED_CASES = [(16, 40, 2, False, None), (16, 40, 6, False, None), (16, 40, 3, True, None),
+               (160, 300, 2, False, None), (130, 300, 4, True, 0.3), (24, 64, 2, False, 0.0), (20, 20, 3, False, None)]
+
+
+@pytest.mark.parametrize("m,d,n,ema,beta", FUSED_CASES)
+def test_intl_loss_from_grams_equals_the_loss_of_the_whitened_outputs(m, d, n, ema, beta):
+    crops = [_z(m, d, seed=20 + s) for s in range(n)]
+    crops[1] = crops[0] + 0.3 * crops[1]  # a correlated pair: cosines far from 0
+    target, views = (crops[0], crops[1:]) if ema else (None, crops)
+    for iters in (1, 4):
+        fused, grads = _loss_and_grads(views, target, iters=iters, beta=beta)
+        plain, ref_grads = _loss_and_grads(views, target, iters=iters, beta=beta, fused=False)
+        for key in ("loss", "align", "trace"):
+            assert abs(fused[key].item() - plain[key].item()) <= 1e-10 * max(1.0, abs(plain[key].item())), key
+        assert fused["beta"] == plain["beta"]
+        for g, ref in zip(grads, ref_grads):
+            assert _rel(g, ref) < 1e-10
+    # and the official code's formulation, loss and gradients (only the online views get gradients with EMA)
+    beta_ref = intl_beta(m, d) if beta is None else beta
+    oracle_views = [v.clone().requires_grad_() for v in views]
+    if ema:
+        oracle = (sum(ref_norm_mse(ref_iternorm(q, 0, 4), ref_iternorm(target, 0, 4))
+                      + beta_ref * ref_trace_loss(ref_iternorm(q, 0, 4), 0) for q in oracle_views) / len(views))
+    else:
+        t = [ref_iternorm(c, 0, 4) for c in oracle_views]
+        oracle = sum(ref_norm_mse(t[i], t[0]) + beta_ref * (ref_trace_loss(t[i], 0) + ref_trace_loss(t[0], 0))
+                     for i in range(1, n)) / (n - 1)
+    oracle.backward()
+    fused, grads = _loss_and_grads(views, target, iters=4, beta=beta)
+    assert abs(fused["loss"].item() - oracle.item()) < 1e-10
+    assert all(_rel(g, v.grad) < 1e-10 for g, v in zip(grads, oracle_views))
+
+
+def test_intl_loss_from_grams_in_float32_and_on_a_collapsed_embedding():
+    """float32 (what training runs) against float64, on an ordinary and a near-collapsed pair of views; and
+    bfloat16 inputs from autocast are computed in float32 like the other path."""
+    for a, b in ((_z(64, 256, seed=1), _z(64, 256, seed=2)), (_collapsed(64, 256), _collapsed(64, 256, seed=1))):
+        b = a + 0.5 * b
+        for fused in (None, False):
+            got, grads = _loss_and_grads([a.float(), b.float()], None, fused=fused)
+            want, ref_grads = _loss_and_grads([a, b], None, fused=fused)
+            assert got["loss"].dtype == torch.float32
+            assert abs(got["loss"].item() - want["loss"].item()) < 1e-4 * max(1.0, abs(want["loss"].item()))
+            for g, ref in zip(grads, ref_grads):
+                assert _rel(g.double(), ref) < 1e-3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lin = nn.Linear(64, 64)
+        x = _z(16, 64, dtype=torch.float32)
+        za, zb = lin(x), lin(x * 1.1)
+        assert za.dtype == torch.bfloat16
+        assert losses.intl_loss([za, zb])["loss"].dtype == torch.float32
+    torch.testing.assert_close(losses.intl_loss([za, zb])["loss"], losses.intl_loss([za.float(), zb.float()])["loss"])
+
+
+def test_intl_loss_fused_only_where_it_applies():
+    wide, tall = [_z(8, 16, seed=s) for s in range(2)], [_z(16, 8, seed=s) for s in range(2)]
+    # unset: channel whitening with m > d and batch whitening take the outputs' path and still match
+    for views, axis in ((tall, "channel"), (wide, "batch")):
+        assert abs(losses.intl_loss(views, axis=axis)["loss"].item()
+                   - losses.intl_loss(views, axis=axis, fused=False)["loss"].item()) < 1e-12
+    for views, kw in ((tall, {}), (wide, {"axis": "batch"}), (wide, {"whiten": False})):
+        with pytest.raises(ValueError, match="fused=True needs channel whitening.*fix: leave fused unset"):
+            losses.intl_loss(views, fused=True, **kw)
