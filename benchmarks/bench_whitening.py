@@ -12,8 +12,8 @@ covariance's scale, because IterNorm is scale-invariant):
   output (``pretrain.losses.iternorm_reference``, the implementation before issue 20).
 
 The INTL objective (``--only objective``, rows ``intl-objective``, channel whitening only): ``intl_loss`` of 2
-views as training runs it (from Gram matrices, the outputs never formed), the same by whitened outputs
-(``fused=False``), and the paper's computation (``iternorm_reference``, then ``norm_mse`` and ``trace_loss`` on
+views from Gram matrices (``fused=True``, ``method.fused=true``: the outputs never formed), the same by whitened
+outputs (the default), and the paper's computation (``iternorm_reference``, then ``norm_mse`` and ``trace_loss`` on
 the outputs, the baseline), forward + backward, interleaved.
 
 Timing: two views whitened, then the alignment loss ``norm_mse`` of the pair, forward + backward, every method
@@ -112,8 +112,8 @@ def _objective_steps(z1: torch.Tensor, z2: torch.Tensor) -> dict[str, Callable[[
                              lambda z: {"trace": beta * trace_loss(z, "channel")})["loss"]
 
     variants = {
-        "intl_loss (from Gram matrices)": lambda: intl_loss([z1, z2], iters=ITERS)["loss"],
-        "intl_loss by whitened outputs (fused=False)": lambda: intl_loss([z1, z2], iters=ITERS, fused=False)["loss"],
+        "intl_loss from Gram matrices (fused=True)": lambda: intl_loss([z1, z2], iters=ITERS, fused=True)["loss"],
+        "intl_loss by whitened outputs (the default)": lambda: intl_loss([z1, z2], iters=ITERS)["loss"],
         OBJECTIVE_REF: papers,
     }
 

@@ -141,7 +141,7 @@ class INTL(Objective):
     """IterNorm (T = iters) + trace loss; ``beta: null`` -> 0.01 (log2(global batch) - 3) (channel)."""
 
     name = "intl"
-    defaults = {"iters": 4, "axis": "channel", "beta": None, "ema": False}
+    defaults = {"iters": 4, "axis": "channel", "beta": None, "ema": False, "fused": False}
 
     def validate(self) -> None:
         self._check(isinstance(self.cfg["iters"], int) and not isinstance(self.cfg["iters"], bool)
@@ -149,10 +149,13 @@ class INTL(Objective):
         self._check_axis()
         if "beta" in self.cfg:
             self._check_beta()
+        self._check(isinstance(self.cfg["fused"], bool) and not (self.cfg["fused"] and self.cfg["axis"] != "channel"),
+                    "fused", "true or false, and true only with axis=channel (the objective from Gram matrices)")
 
     def compute(self, views, target):
         beta = self._beta(self.cfg["beta"], self.cfg["axis"], views[0].shape[1])
-        return losses.intl_loss(views, target, iters=self.cfg["iters"], axis=self.cfg["axis"], beta=beta)
+        return losses.intl_loss(views, target, iters=self.cfg["iters"], axis=self.cfg["axis"], beta=beta,
+                                fused=self.cfg["fused"])
 
 
 @register
@@ -160,10 +163,11 @@ class IterNormOnly(INTL):
     """Ablation: IterNorm without the trace loss (beta = 0)."""
 
     name = "iternorm_only"
-    defaults = {"iters": 4, "axis": "channel", "ema": False}
+    defaults = {"iters": 4, "axis": "channel", "ema": False, "fused": False}
 
     def compute(self, views, target):
-        return losses.intl_loss(views, target, iters=self.cfg["iters"], axis=self.cfg["axis"], beta=0.0)
+        return losses.intl_loss(views, target, iters=self.cfg["iters"], axis=self.cfg["axis"], beta=0.0,
+                                fused=self.cfg["fused"])
 
 
 @register

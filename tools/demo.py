@@ -45,8 +45,12 @@ PROFILES = {
         "resnet50": ["pretrain/model=resnet50", "model.projector=[512,512,512]", "optim.epochs=10",
                      "train.spectrum_every=25"],
         "knn": [],
+        "knn_resnet50": [],
         "linear": [],
+        "linear_resnet50": [],
         "semi": [],
+        # 2 seeds of the cheap stages (the report's spread per row); detection keeps 1 (2.6 min per seed here)
+        "seeds": {"knn": 2, "knn_resnet50": 2, "linear": 2, "linear_resnet50": 2, "semi": 2},
         "detection": [],
     },
     # The end-to-end test of the demo (tests/e2e/test_demo.py): the same chain with every stage cut to a few steps.
@@ -58,8 +62,12 @@ PROFILES = {
         "resnet50": ["pretrain/model=resnet50", "model.projector=[64,64]", "optim.batch_size=16", "train.max_steps=2",
                      "train.spectrum_every=0", "train.log_every=1", "data.workers=0"],
         "knn": ["knn.batch_size=64", "data.workers=0"],
+        "knn_resnet50": ["knn.batch_size=64", "data.workers=0"],
         "linear": ["optim.epochs=1", "optim.milestones=[1]", "train.max_steps_per_epoch=2", "data.workers=0"],
+        "linear_resnet50": ["optim.epochs=1", "optim.milestones=[1]", "train.max_steps_per_epoch=2",
+                            "data.workers=0"],
         "semi": ["optim.epochs=1", "train.max_steps_per_epoch=2", "data.workers=0"],
+        "seeds": {"knn": 2},  # one stage with 2 seeds: the report's spread column is exercised
         "detection": ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1",
                       "TEST.PRECISE_BN.ENABLED", "False", "SOLVER.AMP.ENABLED", "False"],
     },
@@ -120,9 +128,19 @@ class Demo:
         self.times[key] = spent if self.ran else self.previous_times.get(key, spent)
         print(f"[demo] {title}: done in {spent:.0f} s" + ("" if self.ran else " (reused)"), flush=True)
 
+    def shown(self, argv: list[str]) -> list[str]:
+        """The command as a user types it in the checkout: the program's name, paths relative to the folder
+        the demo runs in (else to the repository)."""
+        out = [Path(argv[0]).name]
+        for a in argv[1:]:
+            for base in (self.workdir, ROOT):
+                a = a.replace(f"{base}/", "")
+            out.append(a)
+        return out
+
     def cmd(self, key: str, argv: list[str], done: bool = False) -> None:
         """Runs a stage command, or reuses its run folder when that run is already complete (``done``)."""
-        shown = [Path(argv[0]).name, *argv[1:]]
+        shown = self.shown(argv)
         self.commands.setdefault(key, []).append(quote(shown))
         if done:
             print(f"  reusing the complete run of: {quote(shown)}")
@@ -163,26 +181,34 @@ class Demo:
                          done=fresh)
 
     def classification(self, stage: str, arch: str = "resnet18", key: str | None = None) -> None:
+        """Pretrained and random init, one run per seed (``seed=k``: the random init, the data order and, for
+        semi-supervised, the subset); results[key][init] = {"seed<k>": results.json}."""
         out = {}
         for init in INITS:
             weights = [f"weights={self.weights(arch, '.pth')}"] if init == "pretrained" else \
                 ["weights=null", f"model.arch={arch}"]
-            name = f"demo-{init}" if arch == "resnet18" else f"demo-{arch}-{init}"
-            run_dir = self.out / stage / name
-            self.cmd(key or stage, self.submit(stage, name, 2, [
-                f"eval/{stage}=synthetic", *self.settings[stage], *weights,
-                f"data.root={self.data / 'classification'}"]), done=is_complete(run_dir))
-            out[init] = read_json(run_dir / "results.json")
+            out[init] = {}
+            for seed in range(self.seeds(key or stage)):
+                name = (f"demo-{init}" if arch == "resnet18" else f"demo-{arch}-{init}") + f"-seed{seed}"
+                run_dir = self.out / stage / name
+                self.cmd(key or stage, self.submit(stage, name, 2, [
+                    f"eval/{stage}=synthetic", *self.settings[key or stage], *weights, f"seed={seed}",
+                    f"data.root={self.data / 'classification'}"]), done=is_complete(run_dir))
+                out[init][f"seed{seed}"] = read_json(run_dir / "results.json")
         self.results[key or stage] = out
+
+    def seeds(self, key: str) -> int:
+        return int(self.settings.get("seeds", {}).get(key, 1))
 
     def detection(self) -> None:
         out = {}
+        n = self.seeds("detection")
         for init in INITS:
             name = f"demo-{init}"
             run_dir = self.out / "detection" / name
             weights = str(self.weights("resnet50", ".pkl")) if init == "pretrained" else ""
-            done = is_complete(run_dir / "seed0") and (run_dir / "results.json").exists()
-            self.cmd("detection", [*self.submit("detection", name, 1, []), "--seeds", "1",
+            done = all(is_complete(run_dir / f"seed{k}") for k in range(n)) and (run_dir / "results.json").exists()
+            self.cmd("detection", [*self.submit("detection", name, 1, []), "--seeds", str(n),
                                    "--config-file", DETECTION_CONFIG, "MODEL.WEIGHTS", weights,
                                    *self.settings["detection"]], done=done)
             out[init] = read_json(run_dir / "results.json")
@@ -229,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         demo.stage("knn_resnet50", "3/6 k-NN evaluation of the ResNet-50 (the detection weights)",
                    lambda: demo.classification("knn", "resnet50", "knn_resnet50"))
         demo.stage("linear", "4/6 linear evaluation, pretrained and random init", lambda: demo.classification("linear"))
+        demo.stage("linear_resnet50", "4/6 linear evaluation of the ResNet-50",
+                   lambda: demo.classification("linear", "resnet50", "linear_resnet50"))
         demo.stage("semi", "5/6 semi-supervised fine-tuning on a 10% subset, pretrained and random init",
                    lambda: demo.classification("semi"))
         demo.stage("detection", "6/6 Mask R-CNN R50-C4 fine-tuning, pretrained and random init", demo.detection)

@@ -62,21 +62,46 @@ def test_demo_chain_writes_the_report_resumes_after_ctrl_c_and_reuses_finished_s
     assert second.count("reusing the complete run of: intl-convert") == 4
     results = json.loads((out / "demo" / "results.json").read_text())
     assert set(STAGE_KEYS) <= set(results)
-    for stage in ("knn", "linear", "semi", "detection"):
+    for stage in ("knn", "linear", "semi", "detection", "knn_resnet50", "linear_resnet50"):
         assert set(results[stage]) == {"pretrained", "random"}, stage
     for init in ("pretrained", "random"):
-        assert 0 <= results["knn"][init]["top1"] <= 100 and 0 <= results["linear"][init]["top5"] <= 100
-        assert 0 <= results["semi"][init]["top1"] <= 100
+        # the tiny profile runs k-NN with 2 seeds (seed=k: the random init), the other stages with one
+        assert set(results["knn"][init]) == {"seed0", "seed1"} and set(results["linear"][init]) == {"seed0"}
+        for seed in ("seed0", "seed1"):
+            assert 0 <= results["knn"][init][seed]["top1"] <= 100 and results["knn"][init][seed]["config"]["seed"] == \
+                int(seed[-1])
+        assert 0 <= results["linear"][init]["seed0"]["top5"] <= 100
+        assert 0 <= results["semi"][init]["seed0"]["top1"] <= 100
+        assert 0 <= results["linear_resnet50"][init]["seed0"]["top1"] <= 100
         assert set(results["detection"][init]["mean"]) == {"bbox", "segm"}
         assert results["detection"][init]["mean"]["segm"]["AP"] is not None
+    # two random inits differ (seeded), the pretrained k-NN is one set of weights
+    assert results["knn"]["pretrained"]["seed0"]["top1"] == results["knn"]["pretrained"]["seed1"]["top1"]
     assert set(results["pretrain"]) == {"resnet18", "resnet50"}
     assert results["pretrain"]["resnet18"]["steps"] == 3 and results["pretrain"]["resnet50"]["steps"] == 2
-    assert results["linear"]["pretrained"]["source_checkpoint"].endswith("intl_resnet18.pth")
+    assert results["linear"]["pretrained"]["seed0"]["source_checkpoint"].endswith("intl_resnet18.pth")
+    # per row: pretrained minus random, paired by seed, with its spread where there are 2 seeds
+    rows = {(r["metric"], r["backbone"]): r for r in results["comparison"]}
+    knn = rows[("k-NN top-1 (k=5)", "ResNet-18")]
+    pre, rnd = ([results["knn"][i][s]["top1"] for s in ("seed0", "seed1")] for i in ("pretrained", "random"))
+    assert knn["n_seeds"] == 2 and math.isclose(knn["difference"], sum(pre) / 2 - sum(rnd) / 2, abs_tol=1e-9)
+    assert math.isclose(knn["spread"], abs((pre[0] - rnd[0]) - (pre[1] - rnd[1])) / math.sqrt(2), abs_tol=1e-9)
+    assert knn["beats_random"] == (knn["difference"] > knn["spread"])
+    assert rows[("linear top-1", "ResNet-50")]["n_seeds"] == 1 and rows[("linear top-1", "ResNet-50")]["spread"] is None
+    assert {("Mask R-CNN C4 bbox AP50", "ResNet-50"), ("Mask R-CNN C4 segm AP50", "ResNet-50")} <= set(rows)
     numbers = list(_numbers({k: results[k] for k in STAGE_KEYS}))
     assert len(numbers) > 40 and all(math.isfinite(x) for x in numbers)
     report = (out / "demo" / "report.md").read_text()
     assert "| k-NN top-1 (k=5) | ResNet-18 |" in report and "| Mask R-CNN C4 segm AP | ResNet-50 |" in report
     assert "submit detection --cluster local" in report and "## Wall time per stage" in report
+    assert "| metric | backbone | INTL pretrained | random init | pretrained − random (± spread) |" in report
+    assert "Pretrained minus random init is larger than its spread over seeds on" in report
+    assert "Detection loss over the second half of training" in report
+    # the commands are the ones a user types in the checkout: no absolute path of this machine
+    commands = report.split("## Commands", 1)[1]
+    assert str(work) not in commands and str(ROOT) not in commands
+    assert "data.root=data/synthetic/classification" in commands
+    assert "configs/detection/synthetic_R_50_C4.yaml" in commands
     assert "online probe val top-1" in report and "![pretrain_monitor.png](pretrain_monitor.png)" in report
     for png in ("pretrain_loss.png", "pretrain_monitor.png", "detection_loss.png"):
         assert (out / "demo" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

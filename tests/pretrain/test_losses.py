@@ -445,8 +445,8 @@ def test_intl_loss_from_grams_equals_the_loss_of_the_whitened_outputs(m, d, n, e
     crops[1] = crops[0] + 0.3 * crops[1]  # a correlated pair: cosines far from 0
     target, views = (crops[0], crops[1:]) if ema else (None, crops)
     for iters in (1, 4):
-        fused, grads = _loss_and_grads(views, target, iters=iters, beta=beta)
-        plain, ref_grads = _loss_and_grads(views, target, iters=iters, beta=beta, fused=False)
+        fused, grads = _loss_and_grads(views, target, iters=iters, beta=beta, fused=True)
+        plain, ref_grads = _loss_and_grads(views, target, iters=iters, beta=beta)
         for key in ("loss", "align", "trace"):
             assert abs(fused[key].item() - plain[key].item()) <= 1e-10 * max(1.0, abs(plain[key].item())), key
         assert fused["beta"] == plain["beta"]
@@ -463,7 +463,7 @@ def test_intl_loss_from_grams_equals_the_loss_of_the_whitened_outputs(m, d, n, e
         oracle = sum(ref_norm_mse(t[i], t[0]) + beta_ref * (ref_trace_loss(t[i], 0) + ref_trace_loss(t[0], 0))
                      for i in range(1, n)) / (n - 1)
     oracle.backward()
-    fused, grads = _loss_and_grads(views, target, iters=4, beta=beta)
+    fused, grads = _loss_and_grads(views, target, iters=4, beta=beta, fused=True)
     assert abs(fused["loss"].item() - oracle.item()) < 1e-10
     assert all(_rel(g, v.grad) < 1e-10 for g, v in zip(grads, oracle_views))
 
@@ -473,7 +473,7 @@ def test_intl_loss_from_grams_in_float32_and_on_a_collapsed_embedding():
     bfloat16 inputs from autocast are computed in float32 like the other path."""
     for a, b in ((_z(64, 256, seed=1), _z(64, 256, seed=2)), (_collapsed(64, 256), _collapsed(64, 256, seed=1))):
         b = a + 0.5 * b
-        for fused in (None, False):
+        for fused in (True, False):
             got, grads = _loss_and_grads([a.float(), b.float()], None, fused=fused)
             want, ref_grads = _loss_and_grads([a, b], None, fused=fused)
             assert got["loss"].dtype == torch.float32
@@ -485,16 +485,23 @@ def test_intl_loss_from_grams_in_float32_and_on_a_collapsed_embedding():
         x = _z(16, 64, dtype=torch.float32)
         za, zb = lin(x), lin(x * 1.1)
         assert za.dtype == torch.bfloat16
-        assert losses.intl_loss([za, zb])["loss"].dtype == torch.float32
-    torch.testing.assert_close(losses.intl_loss([za, zb])["loss"], losses.intl_loss([za.float(), zb.float()])["loss"])
+        assert losses.intl_loss([za, zb], fused=True)["loss"].dtype == torch.float32
+    torch.testing.assert_close(losses.intl_loss([za, zb], fused=True)["loss"],
+                               losses.intl_loss([za.float(), zb.float()], fused=True)["loss"])
 
 
-def test_intl_loss_fused_only_where_it_applies():
+def test_intl_loss_fused_only_where_it_applies_and_method_fused_reaches_it():
     wide, tall = [_z(8, 16, seed=s) for s in range(2)], [_z(16, 8, seed=s) for s in range(2)]
-    # unset: channel whitening with m > d and batch whitening take the outputs' path and still match
-    for views, axis in ((tall, "channel"), (wide, "batch")):
-        assert abs(losses.intl_loss(views, axis=axis)["loss"].item()
-                   - losses.intl_loss(views, axis=axis, fused=False)["loss"].item()) < 1e-12
     for views, kw in ((tall, {}), (wide, {"axis": "batch"}), (wide, {"whiten": False})):
-        with pytest.raises(ValueError, match="fused=True needs channel whitening.*fix: leave fused unset"):
+        with pytest.raises(ValueError, match="fused=True needs channel whitening.*fix: set method.fused=false"):
             losses.intl_loss(views, fused=True, **kw)
+    # the method's config key: method.fused=true takes the Gram path (it refuses the tall batch), false the outputs'
+    from pretrain.methods import build_method
+    for name in ("intl", "iternorm_only"):
+        fused, plain = (build_method({"name": name, "fused": f}, global_batch=8) for f in (True, False))
+        assert abs(fused(wide)["loss"].item() - plain(wide)["loss"].item()) < 1e-12
+        plain(tall)
+        with pytest.raises(ValueError, match="fused=True needs channel whitening"):
+            fused(tall)
+    with pytest.raises(ValueError, match="fused=True is invalid; expected true or false, and true only with axis"):
+        build_method({"name": "intl", "fused": True, "axis": "batch"}, global_batch=8)
