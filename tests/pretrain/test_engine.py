@@ -157,7 +157,7 @@ def test_paper_presets_are_the_papers_recipe(preset):
     o = cfg.optim
     assert (o.epochs, o.batch_size, o.base_lr, o.weight_decay) == (epochs, batch, lr, wd)
     assert (o.momentum, o.warmup_epochs, o.final_lr_ratio, o.ema_momentum) == (0.9, 2, 0.001, 0.996)
-    assert dict(cfg.method) == {"name": "intl", "iters": 4, "axis": "channel", "beta": None, "ema": ema}
+    assert dict(cfg.method) == {"name": "intl", "iters": 4, "axis": "channel", "beta": None, "ema": ema, "fused": False}
     assert cfg.data.kind == ("imagefolder" if data.startswith("imagenet") else preset)
     assert len(cfg.data.augment.views) == views
     sizes = [v.size for v in cfg.data.augment.views]
