@@ -279,7 +279,6 @@ def iternorm(z: torch.Tensor, iters: int = 4, axis: str = "channel") -> torch.Te
         return _IterNormFunction.apply(z, int(iters), axis, _degrees_of_freedom(z, axis))
 
 
-
 class _NewtonFunction(torch.autograd.Function):
     """P_T = f_T(S) of a symmetric S (trace 1) with the written-out backward of ``_newton_backward``."""
 
@@ -488,7 +487,7 @@ def intl_loss(views: Sequence[torch.Tensor], target: torch.Tensor | None = None,
 
     By default every view is whitened with ``iternorm`` and the losses read the outputs (the definition).
     ``fused=True`` (channel whitening with m <= d only; ``method.fused=true``) computes the same loss from m x m
-    Gram matrices without forming the whitened outputs (``_intl_channel_from_grams``, 1.87x faster at m=256,
+    Gram matrices without forming the whitened outputs (``_intl_channel_from_grams``, 1.88x faster at m=256,
     d=8192). The two agree to round-off, loss and gradients (tests/pretrain/test_losses.py); not the default
     because round-off sends a training run on another trajectory, and three-seed runs of the short pretraining
     test did not settle that the two learn alike (README "Performance").
